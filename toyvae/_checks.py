@@ -1,0 +1,106 @@
+"""Argument validation in one place: errors name the argument, what it got, what was expected."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+
+def describe(value) -> str:
+    """A short description of ``value`` for error messages: shape and dtype, or the value."""
+    if isinstance(value, torch.Tensor | np.ndarray):
+        if value.ndim == 0:
+            return f"{value.item()!r} ({value.dtype})"
+        return f"an array of shape {tuple(value.shape)} ({value.dtype})"
+    return f"{value!r} of type {type(value).__name__}"
+
+
+def as_tensor(value, name: str, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """Convert ``value`` to a floating-point tensor.
+
+    NumPy arrays and Python numbers become float64, unless ``like`` is given, in which case
+    the result takes ``like``'s dtype and device. Tensors keep their dtype (integer tensors are
+    promoted to float64) and, without ``like``, their device.
+    """
+    if isinstance(value, torch.Tensor):
+        tensor = value
+        if not tensor.is_floating_point():
+            if tensor.is_complex() or tensor.dtype == torch.bool:
+                raise TypeError(
+                    f"{name} must be a real floating-point array, got {describe(value)}"
+                )
+            tensor = tensor.to(torch.float64)
+    elif isinstance(value, np.ndarray | numbers.Real | list | tuple) and not isinstance(
+        value, bool
+    ):
+        array = np.asarray(value)
+        if array.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must be a real numeric array, got {describe(array)}")
+        tensor = torch.as_tensor(array, dtype=torch.float64)
+    else:
+        raise TypeError(
+            f"{name} must be a torch tensor, a NumPy array or a real number, got {describe(value)}"
+        )
+    if like is not None:
+        tensor = tensor.to(dtype=like.dtype, device=like.device)
+    return tensor
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``tensor`` holds a NaN or an infinity."""
+    bad = ~torch.isfinite(tensor.detach())
+    if bool(bad.any()):
+        count = int(bad.sum())
+        raise ValueError(
+            f"{name} must be finite, got {count} NaN or infinite "
+            f"entr{'y' if count == 1 else 'ies'} in {describe(tensor)}"
+        )
+
+
+def check_ndim(tensor: torch.Tensor, name: str, ndims: tuple[int, ...], expected: str) -> None:
+    """Raise ``ValueError`` unless ``tensor.ndim`` is one of ``ndims``."""
+    if tensor.ndim not in ndims:
+        raise ValueError(f"{name} must be {expected}, got {describe(tensor)}")
+
+
+def check_last_dim(tensor: torch.Tensor, name: str, size: int, what: str) -> None:
+    """Raise ``ValueError`` unless ``tensor``'s last dimension exists and has size ``size``."""
+    if tensor.ndim == 0 or tensor.shape[-1] != size:
+        raise ValueError(f"{name} must have last dimension {size} ({what}), got {describe(tensor)}")
+
+
+def check_positive(tensor: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless every entry of ``tensor`` is strictly positive."""
+    bad = tensor.detach() <= 0
+    if bool(bad.any()):
+        smallest = tensor.detach().min().item()
+        raise ValueError(f"{name} must be strictly positive, got a smallest entry of {smallest!r}")
+
+
+def check_symmetric(matrix: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` unless ``matrix`` is symmetric to a few ulps of its largest entry."""
+    m = matrix.detach()
+    asymmetry = (m - m.mT).abs().max().item()
+    # A symmetric matrix written out in floating point is exactly symmetric; allow a few ulps of
+    # the largest entry for matrices that went through arithmetic (A @ A.T is symmetric to
+    # about K ulps).
+    allowed = 64 * torch.finfo(m.dtype).eps * m.abs().max().item()
+    if asymmetry > allowed:
+        raise ValueError(
+            f"{name} must be symmetric, got a (D, D) matrix whose largest |M - M.T| entry is "
+            f"{asymmetry:.3g} (allowed: {allowed:.3g})"
+        )
+
+
+def cholesky(matrix: torch.Tensor, name: str) -> torch.Tensor:
+    """Lower Cholesky factor of ``matrix``, or ``ValueError`` saying it is not positive definite."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if bool((info != 0).any()):
+        eigenvalues = torch.linalg.eigvalsh(matrix.detach())
+        raise ValueError(
+            f"{name} must be positive definite, got a matrix with smallest eigenvalue "
+            f"{eigenvalues.min().item():.3g} and largest {eigenvalues.max().item():.3g}"
+        )
+    return factor
