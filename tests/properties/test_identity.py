@@ -1,0 +1,177 @@
+"""The central identity log p(x) = ELBO(q) + KL(q ‖ p(z|x)), its bound, and its tightness."""
+
+import itertools
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from tolerances import EPS, identity_tolerance
+from torch.distributions import MultivariateNormal
+
+import toyvae
+from toyvae.strategies import gaussians, linear_gaussian_models, observations
+
+
+@st.composite
+def model_data_q(draw, batch_shape=(3,)):
+    model = draw(linear_gaussian_models())
+    x = draw(observations(model, batch_shape=batch_shape))
+    q = draw(gaussians(model.latent_dim, batch_shape=draw(st.sampled_from([(), batch_shape]))))
+    return model, x, q
+
+
+def dense_precision(model):
+    """Λ = I + Wᵀ Ψ⁻¹ W by the textbook dense formula (independent of toyvae's whitening)."""
+    psi = model.noise_variance
+    if model.noise_kind != "full":
+        psi = torch.diag(psi.expand(model.data_dim))
+    w = model.weight
+    return torch.eye(model.latent_dim, dtype=w.dtype) + w.mT @ torch.linalg.solve(psi, w)
+
+
+@given(model_data_q())
+def test_evidence_is_elbo_plus_kl(case):
+    """log p(x) = ELBO(q) + KL(q ‖ p(z|x)) for every Gaussian q, to rounding."""
+    model, x, q = case
+    residual = (
+        model.log_evidence(x) - toyvae.elbo(model, x, q) - toyvae.kl_to_posterior(model, x, q)
+    )
+    # Three independently computed sums of the terms in M: see tolerances.identity_tolerance.
+    assert (residual.abs() <= identity_tolerance(model, x, q)).all()
+
+
+@given(model_data_q())
+def test_elbo_is_a_lower_bound_and_kl_separates_means(case):
+    """ELBO(q) ≤ log p(x), and KL(q ‖ p(z|x)) ≥ ½‖m − μ‖², so it is zero only at q's mean = μ."""
+    model, x, q = case
+    tol = identity_tolerance(model, x, q)
+    kl = toyvae.kl_to_posterior(model, x, q)
+    assert (toyvae.elbo(model, x, q) <= model.log_evidence(x) + tol).all()
+    # KL = ½[(m−μ)ᵀΛ(m−μ) + Σ(λᵢ − 1 − log λᵢ)] with λᵢ the eigenvalues of Σ_post⁻¹Σ_q; each
+    # bracketed part is ≥ 0 and Λ ⪰ I, so KL ≥ ½‖m − μ‖², which vanishes only at m = μ.
+    mu = model.posterior(x).mean
+    assert (kl >= 0.5 * (q.mean - mu).square().sum(-1) - tol).all()
+
+
+@given(model_data_q())
+def test_kl_is_positive_unless_covariance_matches(case):
+    """With q's mean at μ, KL(q ‖ p(z|x)) = ½ Σ (λᵢ − 1 − log λᵢ): zero only if Σ_q = Σ_post."""
+    model, x, q = case
+    g = toyvae.as_gaussian(q)
+    mu = model.posterior(x).mean
+    centred = MultivariateNormal(mu, scale_tril=g.scale_tril)
+    kl = toyvae.kl_to_posterior(model, x, centred)
+    # λᵢ: eigenvalues of Λ Σ_q (similar to Σ_post⁻¹ Σ_q), from the dense precision.
+    precision = dense_precision(model)
+    lam = torch.linalg.eigvals(precision @ g.covariance()).real
+    expected = 0.5 * (lam - 1 - lam.log()).sum(-1)
+    tol = identity_tolerance(model, x, centred)
+    assert ((kl - expected).abs() <= tol).all()
+
+
+@given(st.data(), linear_gaussian_models())
+def test_bound_is_tight_at_the_posterior(data, model):
+    """At q = p(z|x): ELBO = log p(x) and KL(q ‖ p(z|x)) = 0, to rounding."""
+    x = data.draw(observations(model, batch_shape=(4,)))
+    posterior = model.posterior(x)
+    tol = identity_tolerance(model, x, posterior)
+    assert (toyvae.kl_to_posterior(model, x, posterior).abs() <= tol).all()
+    assert ((toyvae.elbo(model, x, posterior) - model.log_evidence(x)).abs() <= tol).all()
+
+
+@given(st.data(), linear_gaussian_models())
+def test_bayes_rule_pointwise(data, model):
+    """log p(x, z) − log p(z|x) = log p(x) at every z, not only on average."""
+    x = data.draw(observations(model, batch_shape=(3,)))
+    z = data.draw(arrays(float, (3, model.latent_dim), elements=st.floats(-10, 10)))
+    z = torch.as_tensor(z)
+    posterior = model.posterior(x)
+    lhs = model.log_joint(x, z) - posterior.log_prob(z)
+    # Beyond the terms of log p(x), both sides carry z-dependent quadratics: ½‖z‖² (prior),
+    # ½‖W̃z‖² ≤ ½‖Λ‖‖z‖² (likelihood) and ½(z−μ)ᵀΛ(z−μ) ≤ ‖Λ‖(‖z‖² + ‖μ‖²) (posterior).
+    # They add 4‖Λ‖(‖z‖² + ‖μ‖²) to M, with the same 4(D + K)·eps per unit of M.
+    spread = (
+        4 * dense_precision(model).norm(2) * (z.square().sum(-1) + posterior.mean.square().sum(-1))
+    )
+    tol = identity_tolerance(model, x) + 4 * (model.data_dim + model.latent_dim) * EPS * spread
+    assert ((lhs - model.log_evidence(x)).abs() <= tol).all()
+
+
+@given(model_data_q())
+def test_elbo_is_expected_log_joint_plus_entropy(case):
+    """ELBO(q) = E_q log p(x, z) + H[q], with E_q of the quadratic log p(x, ·) in closed form."""
+    model, x, q = case
+    g = toyvae.as_gaussian(q)
+    # log p(x, z) is quadratic in z with Hessian −Λ, so E_q log p(x, z) = log p(x, m) − ½ tr(Λ S).
+    expected_log_joint = model.log_joint(x, g.loc) - 0.5 * (
+        dense_precision(model) * g.covariance()
+    ).sum((-2, -1))
+    elbo = toyvae.elbo(model, x, q)
+    other_route = expected_log_joint + toyvae.entropy(q)
+    assert ((elbo - other_route).abs() <= identity_tolerance(model, x, q)).all()
+    terms = toyvae.expected_log_likelihood(model, x, q) - toyvae.kl_to_prior(q)
+    assert ((elbo - terms).abs() <= identity_tolerance(model, x, q)).all()
+
+
+def path_to_posterior(model, x, direction, shape_change, t):
+    """q_t = N(μ + t·a, S (I + tE)(I + tE)ᵀ Sᵀ): the posterior at t = 0."""
+    post = model.posterior(x)
+    k = model.latent_dim
+    eye = torch.eye(k, dtype=torch.float64)
+    return MultivariateNormal(
+        post.mean + t * direction, scale_tril=post.scale_tril @ (eye + t * shape_change)
+    )
+
+
+@given(
+    linear_gaussian_models().flatmap(
+        lambda m: st.tuples(
+            st.just(m),
+            observations(m),
+            arrays(float, (m.latent_dim,), elements=st.floats(-2, 2)),
+            arrays(float, (m.latent_dim, m.latent_dim), elements=st.floats(-0.4, 0.4)),
+        )
+    )
+)
+def test_gap_closes_quadratically_along_a_path(case):
+    """Along q_t → p(z|x), ELBO(q_t) rises monotonically to log p(x); KL(q_t ‖ p) = c·t² + O(t³)."""
+    model, x, a, e = case
+    a, e = torch.as_tensor(a), torch.tril(torch.as_tensor(e))
+    precision = dense_precision(model)
+    diag = e.diagonal()
+    # KL(t) = ½[t² aᵀΛa + ‖I + tE‖²_F − K − 2 Σ log(1 + t Eᵢᵢ)]: expanding the log gives
+    # c = ½[aᵀΛa + ‖E‖²_F + Σ Eᵢᵢ²] and a remainder bounded by the tail of the log series.
+    c = 0.5 * (a @ precision @ a + e.square().sum() + diag.square().sum())
+    ts = [2.0**-j for j in range(0, 21, 2)]
+    elbos = []
+    for t in ts:
+        q = path_to_posterior(model, x, a, e, t)
+        kl = toyvae.kl_to_posterior(model, x, q)
+        elbos.append(toyvae.elbo(model, x, q))
+        tol = identity_tolerance(model, x, q)
+        # |Σ log-series tail| ≤ (t³/3) Σ|Eᵢᵢ|³ / (1 − t·max|Eᵢᵢ|), and max|Eᵢᵢ| ≤ 0.4.
+        remainder = t**3 / 3 * diag.abs().pow(3).sum() / (1 - t * 0.4)
+        assert abs(kl - c * t**2) <= remainder + tol
+    # KL(t) is convex in t with minimum 0 at t = 0, so ELBO(q_t) rises as t falls.
+    tol = identity_tolerance(model, x, path_to_posterior(model, x, a, e, 1.0))
+    for earlier, later in itertools.pairwise(elbos):
+        assert later >= earlier - tol
+    assert abs(elbos[-1] - model.log_evidence(x)) <= c * ts[-1] ** 2 + tol
+
+
+def test_kl_resolution_in_float64():
+    """KL(q_t ‖ p(z|x)) keeps its t² law, to 1%, down to KL ≈ 1e-13 on a D = 20, K = 5 model."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 5, generator=gen, dtype=torch.float64)
+    model = toyvae.LinearGaussian(w, noise_variance=0.5)
+    x = torch.randn(20, generator=gen, dtype=torch.float64)
+    a = torch.randn(5, generator=gen, dtype=torch.float64)
+    e = torch.zeros(5, 5, dtype=torch.float64)
+    c = 0.5 * (a @ dense_precision(model) @ a)  # exact: the covariance is held at the posterior's
+    t = math.sqrt(1e-13 / c)
+    kl = toyvae.kl_to_posterior(model, x, path_to_posterior(model, x, a, e, t))
+    # KL is ½[tr + mahalanobis − K + log-det difference]: the O(1) terms cancel, leaving an
+    # absolute rounding error of a few K·eps ≈ 1e-15, i.e. 1% of 1e-13.
+    assert abs(kl / (c * t**2) - 1) <= 0.01

@@ -1,0 +1,194 @@
+"""The derivation pages in docs/: their code runs, their maths renders, their citations exist.
+
+Each page is run as one test: Sybil reads its ```python blocks (plain code, or ``>>>`` examples
+whose printed output is compared) and evaluates them in order in one namespace, as the page
+reads. One test per page rather than one per block, so that no runner can separate a block
+from the earlier blocks whose names it uses (``-k``, ``pytest-xdist``).
+
+The maths is checked by ``tools/check_math.mjs`` with KaTeX in strict mode. That needs Node.js
+and ``npm ci`` at the repository root; without them these tests fail, never skip, so CI cannot
+pass with the check silently switched off.
+"""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import importlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from sybil import Sybil
+from sybil.parsers.markdown import PythonCodeBlockParser
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = sorted(DOCS.glob("*.md"))
+CHECK_MATH = ROOT / "tools" / "check_math.mjs"
+
+SYBIL = Sybil([PythonCodeBlockParser(doctest_optionflags=doctest.NORMALIZE_WHITESPACE)])
+
+# A cited function, in backticks: `toyvae.elbo`, `toyvae.LinearGaussian.log_evidence`.
+NAME = re.compile(r"`(toyvae(?:\.\w+)+)`")
+# A cited test: tests/path/to/test_file.py::test_name, or ::Class::test_name.
+TEST = re.compile(r"(tests/[\w/]+\.py)::(\w+(?:::\w+)?)")
+FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def _page_id(page: Path) -> str:
+    return page.name
+
+
+def _prose_lines(page: Path) -> list[str]:
+    """The page's lines with fenced code blanked out, so line numbers stay right."""
+    lines, inside = [], False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line):
+            inside = not inside
+            lines.append("")
+        else:
+            lines.append("" if inside else line)
+    return lines
+
+
+def _node() -> str:
+    """Path to node, or a failure that says how to get it and KaTeX."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node not found: install Node.js (apt-get install nodejs npm), then `npm ci`")
+    if not (ROOT / "node_modules" / "katex" / "package.json").is_file():
+        pytest.fail(f"KaTeX is not installed: run `npm ci` in {ROOT} (see package.json)")
+    return node
+
+
+def _check_math(*paths: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_node(), str(CHECK_MATH), *map(str, paths)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_there_are_pages():
+    """docs/ holds the four derivation pages."""
+    names = {page.name for page in PAGES}
+    assert {"index.md", "elbo.md", "linear-gaussian.md", "closed-form-elbo.md"} <= names
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_page_examples_run(page):
+    """Every Python block of the page runs, in order, and every >>> output is as printed."""
+    examples = list(SYBIL.parse(page).examples())
+    assert examples, f"{page.name} has no ```python example"
+    for example in examples:
+        example.evaluate()  # raises SybilFailure naming the file and line on a mismatch
+
+
+def test_every_formula_renders_under_katex_strict():
+    """Every $…$ and $$…$$ formula in docs/*.md renders with KaTeX, strict mode, no error."""
+    result = _check_math(DOCS)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_math_check_names_file_and_line_of_each_broken_formula(tmp_path):
+    """The KaTeX check flags an undefined macro and a stray $ by line, and ignores code."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Fine: $\\log p(x)$ and\n"  # line 1
+        "$$\n\\mathrm{KL}(q \\,\\|\\, p) \\ge 0 \\tag{1}\n$$\n"  # lines 2-4
+        "Broken: $\\undefinedmacro{x}$.\n"  # line 5
+        "Stray: $ x$ is not math.\n"  # line 6
+        "```python\ncost = '$5'  # code, not math\n```\n"  # lines 7-9
+        "Code span: `$x`.\n",  # line 10
+        encoding="utf-8",
+    )
+    result = _check_math(page)
+    assert result.returncode == 1, result.stdout + result.stderr
+    flagged = set(re.findall(rf"^{re.escape(str(page))}:(\d+):", result.stderr, re.MULTILINE))
+    assert flagged == {"5", "6"}, result.stderr
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_cited_names_exist(page):
+    """Every `toyvae.…` name cited on the page is an attribute of the installed package."""
+    missing = []
+    for number, line in enumerate(_prose_lines(page), start=1):
+        for name in NAME.findall(line):
+            obj = importlib.import_module("toyvae")
+            for part in name.split(".")[1:]:
+                obj = getattr(obj, part, None)
+            if obj is None:
+                missing.append(f"{page.name}:{number}: {name}")
+    assert not missing, "cited names that do not exist:\n" + "\n".join(missing)
+
+
+def _test_names(path: Path) -> set[str]:
+    """``test_x`` and ``Class::test_x`` for every test function defined in the file."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            names.update(
+                f"{node.name}::{item.name}"
+                for item in node.body
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+            )
+    return {name for name in names if name.split("::")[-1].startswith("test")}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_cited_tests_exist(page):
+    """Every tests/…::test_name cited on the page is a test defined in that file."""
+    missing = []
+    for number, line in enumerate(_prose_lines(page), start=1):
+        for path, name in TEST.findall(line):
+            file = ROOT / path
+            if not file.is_file() or name not in _test_names(file):
+                missing.append(f"{page.name}:{number}: {path}::{name}")
+    assert not missing, "cited tests that do not exist:\n" + "\n".join(missing)
+
+
+def _identities(lines: list[str]):
+    """(line number, text of the paragraph after it) for each tagged $$ display."""
+    number = 0
+    while number < len(lines):
+        if lines[number].strip().startswith("$$"):
+            start = number
+            end = number if lines[number].strip().count("$$") == 2 else number + 1
+            while end < len(lines) and "$$" not in lines[end]:
+                end += 1
+            display = "\n".join(lines[start : end + 1])
+            after = end + 1
+            while after < len(lines) and not lines[after].strip():
+                after += 1
+            paragraph = []
+            while after < len(lines) and lines[after].strip():
+                paragraph.append(lines[after])
+                after += 1
+            if "\\tag{" in display:
+                yield start + 1, " ".join(paragraph)
+            number = end + 1
+        else:
+            number += 1
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_every_identity_names_its_code_and_its_test(page):
+    """Each labelled display (\\tag) is followed by 'Computed by `toyvae.…`' and a cited test."""
+    lines = _prose_lines(page)
+    identities = list(_identities(lines))
+    assert identities, f"{page.name} displays no labelled identity"
+    bad = [
+        f"{page.name}:{number}"
+        for number, paragraph in identities
+        if not ("Computed by" in paragraph and NAME.search(paragraph))
+        or not ("Checked by" in paragraph and TEST.search(paragraph))
+    ]
+    assert not bad, "identities that do not name their code and test:\n" + "\n".join(bad)
