@@ -104,3 +104,17 @@ def cholesky(matrix: torch.Tensor, name: str) -> torch.Tensor:
             f"{eigenvalues.min().item():.3g} and largest {eigenvalues.max().item():.3g}"
         )
     return factor
+
+
+def broadcast_batch(**shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """The broadcast of the named batch shapes, or ``ValueError`` quoting them all.
+
+    NumPy's rule, which torch follows; ``np.broadcast_shapes`` because
+    ``torch.broadcast_shapes`` imports torch's symbolic-shape machinery (about a second) on
+    its first call.
+    """
+    try:
+        return tuple(np.broadcast_shapes(*(tuple(s) for s in shapes.values())))
+    except ValueError:
+        quoted = " and ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
+        raise ValueError(f"batch shapes must broadcast together, got {quoted}") from None

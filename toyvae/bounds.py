@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from toyvae._checks import broadcast_batch
 from toyvae.gaussians import LOG_2PI, Gaussian, _kl, as_gaussian
 from toyvae.model import LinearGaussian
 
@@ -29,13 +30,7 @@ def _check_inputs(model, x, q) -> tuple[torch.Tensor, Gaussian]:
     _check_model(model)
     x = model._check_x(x)
     gq = as_gaussian(q, "q", dim=model.latent_dim)
-    try:
-        torch.broadcast_shapes(gq.loc.shape[:-1], x.shape[:-1])
-    except RuntimeError:
-        raise ValueError(
-            f"q's batch shape {tuple(gq.loc.shape[:-1])} must broadcast with x's batch shape "
-            f"{tuple(x.shape[:-1])} (x has shape {tuple(x.shape)})"
-        ) from None
+    broadcast_batch(q=gq.loc.shape[:-1], x=x.shape[:-1])
     like = model.weight
     gq = Gaussian(gq.loc.to(like.dtype), gq.scale_tril.to(like.dtype))
     return x, gq

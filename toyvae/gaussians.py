@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from toyvae._checks import check_finite, check_positive, describe
+from toyvae._checks import broadcast_batch, check_finite, check_positive, describe
 
 __all__ = ["Gaussian", "as_gaussian", "entropy", "gaussian_kl"]
 
@@ -76,7 +76,7 @@ def as_gaussian(q, name: str = "q", *, dim: int | None = None) -> Gaussian:
 
 
 def _broadcast(loc: torch.Tensor, scale_tril: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = torch.broadcast_shapes(loc.shape[:-1], scale_tril.shape[:-2])
+    batch = broadcast_batch(loc=loc.shape[:-1], scale=scale_tril.shape[:-2])
     k = loc.shape[-1]
     return loc.expand(*batch, k), scale_tril.expand(*batch, k, k)
 
@@ -89,7 +89,7 @@ def _kl(q: Gaussian, p: Gaussian) -> torch.Tensor:
             + \lVert L_p^{-1}(\mu_p-\mu_q)\rVert^2 - K
             + \log\det\Sigma_p - \log\det\Sigma_q\big]
     """
-    batch = torch.broadcast_shapes(q.loc.shape[:-1], p.loc.shape[:-1])
+    batch = broadcast_batch(q=q.loc.shape[:-1], p=p.loc.shape[:-1])
     k = q.dim
     lp = p.scale_tril.expand(*batch, k, k)
     trace = torch.linalg.solve_triangular(lp, q.scale_tril.expand(*batch, k, k), upper=False)
@@ -122,13 +122,7 @@ def gaussian_kl(q, p) -> torch.Tensor:
     """
     gq = as_gaussian(q, "q")
     gp = as_gaussian(p, "p", dim=gq.dim)
-    try:
-        torch.broadcast_shapes(gq.loc.shape[:-1], gp.loc.shape[:-1])
-    except RuntimeError:
-        raise ValueError(
-            f"q and p must have broadcastable batch shapes, got {tuple(gq.loc.shape[:-1])} "
-            f"and {tuple(gp.loc.shape[:-1])}"
-        ) from None
+    broadcast_batch(q=gq.loc.shape[:-1], p=gp.loc.shape[:-1])
     return _kl(gq, gp)
 
 

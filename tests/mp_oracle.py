@@ -1,0 +1,150 @@
+r"""High-precision oracle: the exact quantities in mpmath, at 60 significant digits.
+
+Every input is a float64 number converted exactly (``mpf(float)`` is exact), so the oracle
+gives the exact value for the very numbers toyvae was given, to about 1e-60 relative, far
+below float64's unit roundoff of 1.1e-16: any difference from toyvae is toyvae's own rounding.
+The formulas are the textbook ones (explicit inverses and determinants); at 60 digits they
+cost nothing that matters, since a condition number κ leaves about 60 − log10 κ digits.
+
+Vectors are mpmath column matrices; functions take float64 NumPy arrays (or mpmath matrices)
+for a single data point x of shape (D,) and return an ``mpf`` or mpmath matrices. A private
+mpmath context keeps the global ``mpmath.mp`` precision untouched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mpmath.ctx_mp import MPContext
+
+MP = MPContext()
+MP.dps = 60
+
+
+def to_mp(value):
+    """A float64 scalar, (n,) or (n, m) array as an exact ``mpf`` or mpmath matrix.
+
+    A 1-D array becomes an (n, 1) column. mpmath matrices pass through unchanged.
+    """
+    if isinstance(value, MP.matrix):
+        return value
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 0:
+        return MP.mpf(float(array))
+    if array.ndim == 1:
+        array = array[:, None]
+    return MP.matrix([[MP.mpf(float(v)) for v in row] for row in array])
+
+
+def to_float(value) -> np.ndarray:
+    """An ``mpf`` or mpmath matrix rounded to float64 (a matrix, columns included, stays 2-D)."""
+    if isinstance(value, MP.matrix):
+        return np.array(value.tolist(), dtype=np.float64)
+    return np.float64(value)
+
+
+def _eye(n: int):
+    return MP.eye(n)
+
+
+def _trace(matrix):
+    return MP.fsum(matrix[i, i] for i in range(matrix.rows))
+
+
+def _dot(u, v):
+    """uᵀ v for two columns."""
+    return MP.fsum(u[i] * v[i] for i in range(u.rows))
+
+
+def _log_det(matrix):
+    return MP.log(MP.det(matrix))
+
+
+def noise_matrix(noise_variance, data_dim: int):
+    """Ψ as an exact (D, D) mpmath matrix: σ² I, diag(v) or the full matrix."""
+    psi = np.asarray(noise_variance, dtype=np.float64)
+    if psi.ndim == 0:
+        return to_mp(psi) * _eye(data_dim)
+    if psi.ndim == 1:
+        return MP.diag([to_mp(v) for v in psi])
+    return to_mp(psi)
+
+
+class Model:
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, Ψ) in exact arithmetic.
+
+    The x-independent quantities (Ψ⁻¹, C = W Wᵀ + Ψ, C⁻¹, their log-determinants and the
+    posterior covariance) are formed once, since mpmath at 60 digits is slow. Every method takes
+    one data point x of shape (D,).
+    """
+
+    def __init__(self, weight, bias, noise_variance):
+        self.weight = to_mp(weight)
+        self.bias = to_mp(bias)
+        self.data_dim, self.latent_dim = self.weight.rows, self.weight.cols
+        self.noise = noise_matrix(noise_variance, self.data_dim)
+        self.noise_inv = MP.inverse(self.noise)
+        self.marginal_cov = self.weight * self.weight.T + self.noise
+        self.marginal_cov_inv = MP.inverse(self.marginal_cov)
+        self.log_det_noise = _log_det(self.noise)
+        self.log_det_marginal_cov = _log_det(self.marginal_cov)
+        precision = _eye(self.latent_dim) + self.weight.T * self.noise_inv * self.weight
+        self.posterior_cov = MP.inverse(precision)
+
+    def log_evidence(self, x):
+        """log p(x) = −½ [D log 2π + log det C + (x − b)ᵀ C⁻¹ (x − b)], C = W Wᵀ + Ψ."""
+        residual = to_mp(x) - self.bias
+        quadratic = _dot(residual, self.marginal_cov_inv * residual)
+        constant = self.data_dim * MP.log(2 * MP.pi) + self.log_det_marginal_cov
+        return -(constant + quadratic) / 2
+
+    def posterior(self, x):
+        """(μ, Σ) with Σ = (I + Wᵀ Ψ⁻¹ W)⁻¹ and μ = Σ Wᵀ Ψ⁻¹ (x − b)."""
+        residual = to_mp(x) - self.bias
+        return self.posterior_cov * (
+            self.weight.T * (self.noise_inv * residual)
+        ), self.posterior_cov
+
+    def expected_log_likelihood(self, x, mean_q, cov_q):
+        """E_q log N(x; Wz + b, Ψ) for q = N(m, S).
+
+        Equal to −½ [D log 2π + log det Ψ + eᵀ Ψ⁻¹ e + tr(Ψ⁻¹ W S Wᵀ)] with e = x − b − W m.
+        """
+        misfit = to_mp(x) - self.bias - self.weight * to_mp(mean_q)
+        spread = _trace(self.noise_inv * self.weight * to_mp(cov_q) * self.weight.T)
+        constant = self.data_dim * MP.log(2 * MP.pi) + self.log_det_noise
+        return -(constant + _dot(misfit, self.noise_inv * misfit) + spread) / 2
+
+    def elbo(self, x, mean_q, cov_q):
+        """ELBO(q) = E_q log p(x|z) − KL(q ‖ p(z))."""
+        return self.expected_log_likelihood(x, mean_q, cov_q) - kl_to_prior(mean_q, cov_q)
+
+    def kl_to_posterior(self, x, mean_q, cov_q):
+        """KL(q ‖ p(z|x)), with the posterior from :meth:`posterior`."""
+        mean_p, cov_p = self.posterior(x)
+        return gaussian_kl(mean_q, cov_q, mean_p, cov_p)
+
+
+def gaussian_kl(mean_q, cov_q, mean_p, cov_p):
+    """KL(q ‖ p) = ½ [tr(Σp⁻¹Σq) + (μp − μq)ᵀ Σp⁻¹ (μp − μq) − K + log det Σp − log det Σq]."""
+    mean_q, cov_q, mean_p, cov_p = (to_mp(a) for a in (mean_q, cov_q, mean_p, cov_p))
+    p_inv = MP.inverse(cov_p)
+    diff = mean_p - mean_q
+    return (
+        _trace(p_inv * cov_q)
+        + _dot(diff, p_inv * diff)
+        - cov_q.rows
+        + _log_det(cov_p)
+        - _log_det(cov_q)
+    ) / 2
+
+
+def kl_to_prior(mean_q, cov_q):
+    """KL(q ‖ N(0, I)) = ½ [tr S + ‖m‖² − K − log det S]."""
+    mean_q, cov_q = to_mp(mean_q), to_mp(cov_q)
+    return (_trace(cov_q) + _dot(mean_q, mean_q) - cov_q.rows - _log_det(cov_q)) / 2
+
+
+def covariance_from_tril(scale_tril):
+    """L Lᵀ, exactly, from a float64 lower-triangular factor."""
+    tril = to_mp(scale_tril)
+    return tril * tril.T
