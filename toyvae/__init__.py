@@ -4,19 +4,59 @@ log p_θ(x) = ELBO(q) + KL(q ‖ p_θ(z|x)), computed exactly for every Gaussian
 """
 
 from toyvae.bounds import elbo, expected_log_likelihood, kl_to_posterior, kl_to_prior
+from toyvae.estimators import (
+    LogWeightMoments,
+    MeanEstimate,
+    chi_square_divergence,
+    gauss_hermite_noise,
+    iwae_estimate,
+    iwae_estimates,
+    iwae_first_order_bias,
+    log_weight_moments,
+    log_weights,
+    log_weights_at,
+    median_of_means,
+    median_of_means_plan,
+)
 from toyvae.gaussians import Gaussian, as_gaussian, entropy, gaussian_kl
+from toyvae.gradients import (
+    ESTIMATORS,
+    GradientMoments,
+    elbo_surrogate,
+    elbo_surrogate_at,
+    gradient_draws,
+    gradient_estimator_moments,
+)
 from toyvae.model import LinearGaussian
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ESTIMATORS",
     "Gaussian",
+    "GradientMoments",
     "LinearGaussian",
+    "LogWeightMoments",
+    "MeanEstimate",
     "as_gaussian",
+    "chi_square_divergence",
     "elbo",
+    "elbo_surrogate",
+    "elbo_surrogate_at",
     "entropy",
     "expected_log_likelihood",
+    "gauss_hermite_noise",
     "gaussian_kl",
+    "gradient_draws",
+    "gradient_estimator_moments",
+    "iwae_estimate",
+    "iwae_estimates",
+    "iwae_first_order_bias",
     "kl_to_posterior",
     "kl_to_prior",
+    "log_weight_moments",
+    "log_weights",
+    "log_weights_at",
+    "median_of_means",
+    "median_of_means_plan",
 ]

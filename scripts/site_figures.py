@@ -1,0 +1,193 @@
+r"""Figures for the documentation site, computed by toyvae itself: python scripts/site_figures.py
+
+- ``elbo-gap.png``: the ELBO and log p(x) as q moves from the prior to the exact posterior;
+  the gap between them, shaded, is KL(q ‖ p(z|x)), computed separately and drawn on top.
+- ``iwae-vs-k.png``: the IWAE bound L_k against k, each estimated from many independent draws
+  (with an interval of ±4 exact-variance-free standard errors), between the exact ELBO (k = 1)
+  and log p(x), with the first-order asymptote log p(x) − χ²/(2k).
+- ``accuracy.md``: the table of achieved float64 errors against the 60-digit mpmath oracle,
+  from ``tests/test_high_precision.py``, included by docs/how-we-know.md.
+
+Written to ``docs/figures/`` (git-ignored; ``scripts/build_docs.sh`` regenerates them) or to
+the folder given as the only argument. Deterministic: fixed seeds, no clock.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import torch
+from torch.distributions import MultivariateNormal
+
+import toyvae
+from toyvae.estimators import iwae_estimates, iwae_first_order_bias
+
+ROOT = Path(__file__).resolve().parent.parent
+DPI = 150
+# Matplotlib embeds the date and its version in PNG metadata; drop them so reruns are identical.
+METADATA = {"Software": None}
+
+
+def example_model():
+    """The landing page's model: D = 5, K = 2, diagonal noise, one observation."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 2, dtype=torch.float64, generator=generator)
+    noise_variance = torch.rand(5, dtype=torch.float64, generator=generator) + 0.5
+    model = toyvae.LinearGaussian(weight, noise_variance=noise_variance)
+    x, _ = model.sample(generator=generator)
+    return model, x
+
+
+def path_to_posterior(model, x, steps: int = 101):
+    """q_t for t in [0, 1]: mean and Cholesky factor linear from the prior to the posterior."""
+    posterior = model.posterior(x)
+    t = torch.linspace(0, 1, steps, dtype=torch.float64)
+    start_loc = torch.zeros(model.latent_dim, dtype=torch.float64)  # the prior N(0, I)
+    start_tril = torch.eye(model.latent_dim, dtype=torch.float64)
+    loc = (1 - t)[:, None] * start_loc + t[:, None] * posterior.loc
+    tril = (1 - t)[:, None, None] * start_tril + t[:, None, None] * posterior.scale_tril
+    return t, MultivariateNormal(loc, scale_tril=tril)
+
+
+def elbo_gap_figure(path: Path) -> None:
+    model, x = example_model()
+    t, q = path_to_posterior(model, x)
+    log_evidence = model.log_evidence(x).expand(t.shape)
+    bound = toyvae.elbo(model, x, q)
+    kl = toyvae.kl_to_posterior(model, x, q)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.fill_between(
+        t,
+        bound,
+        log_evidence,
+        color="tab:orange",
+        alpha=0.3,
+        label=r"gap $=\mathrm{KL}(q \,\|\, p_\theta(z \mid x))$",
+    )
+    ax.plot(t, log_evidence, color="black", lw=2, label=r"$\log p_\theta(x)$ (exact)")
+    ax.plot(t, bound, color="tab:blue", lw=2, label=r"$\mathrm{ELBO}(q_t)$ (exact)")
+    # The KL is computed on its own; log p(x) − KL lands on the ELBO curve: the identity.
+    ax.plot(
+        t[::5],
+        (log_evidence - kl)[::5],
+        "o",
+        color="tab:red",
+        ms=4,
+        label=r"$\log p_\theta(x) - \mathrm{KL}$, computed separately",
+    )
+    ax.set_xlabel(r"$t$: $q_t$ moves from the prior ($t=0$) to $p_\theta(z \mid x)$ ($t=1$)")
+    ax.set_ylabel("nats")
+    ax.set_title(
+        r"$\log p_\theta(x) = \mathrm{ELBO}(q) + \mathrm{KL}(q \,\|\, p_\theta(z \mid x))$"
+    )
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, metadata=METADATA)
+    plt.close(fig)
+
+
+def iwae_figure(path: Path, num_estimates: int = 4000) -> None:
+    model, x = example_model()
+    posterior = model.posterior(x)
+    # Wider than the posterior and off-centre: the importance weights have finite variance
+    # (χ² < ∞) so the first-order asymptote exists, and the bound is visibly loose at k = 1.
+    q = MultivariateNormal(posterior.loc + 0.6, scale_tril=1.5 * posterior.scale_tril)
+    ks = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    generator = torch.Generator().manual_seed(1)
+    means, errors = [], []
+    for k in ks:
+        draws = iwae_estimates(model, x, q, k, num_estimates, generator=generator)
+        means.append(draws.mean().item())
+        errors.append(4 * draws.std().item() / num_estimates**0.5)  # ±4 standard errors
+    log_evidence = model.log_evidence(x).item()
+    asymptote = [log_evidence - iwae_first_order_bias(model, x, q, k).item() for k in ks]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axhline(log_evidence, color="black", lw=2, label=r"$\log p_\theta(x)$ (exact)")
+    ax.axhline(
+        toyvae.elbo(model, x, q).item(),
+        color="tab:blue",
+        ls="--",
+        label=r"$\mathrm{ELBO}(q) = L_1$ (exact)",
+    )
+    ax.plot(
+        ks,
+        asymptote,
+        color="tab:green",
+        ls=":",
+        lw=2,
+        label=r"$\log p_\theta(x) - \chi^2/(2k)$ (first order)",
+    )
+    ax.errorbar(
+        ks,
+        means,
+        yerr=errors,
+        fmt="o",
+        color="tab:red",
+        capsize=3,
+        label=rf"$L_k$, mean of {num_estimates} draws $\pm$ 4 s.e.",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(min(means) - 0.5, log_evidence + 0.3)
+    ax.set_xlabel(r"$k$, importance samples per estimate")
+    ax.set_ylabel("nats")
+    ax.set_title(r"IWAE bounds $L_k$ rise monotonically to $\log p_\theta(x)$")
+    ax.legend(loc="center right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, metadata=METADATA)
+    plt.close(fig)
+
+
+# Column headings for the fields of the tests' row type; any other field shows its own name.
+HEADINGS = {
+    "comparisons": "n",
+    "max_kappa": "max κ",
+    "max_relative": "max relative error",
+    "max_ulps": "max ulps",
+    "max_scaled": "max error / (ε·scale)",
+    "max_of_bound": "max error / bound",
+}
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if 1e-2 <= abs(value) < 1e4 else f"{value:.1e}"
+    return str(value).replace("_", "\\_")
+
+
+def accuracy_table(path: Path) -> None:
+    """The achieved-error table of tests/test_high_precision.py, as a Markdown table.
+
+    Its columns are the fields of the tests' own row type, so the table follows the tests.
+    """
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_high_precision import achieved_errors  # the tests' own measurement
+
+    rows = achieved_errors()
+    fields = rows[0]._fields
+    lines = [
+        "| " + " | ".join(HEADINGS.get(f, f.replace("_", " ")) for f in fields) + " |",
+        "|" + "|".join("---" if isinstance(v, str) else "---:" for v in rows[0]) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    elbo_gap_figure(out / "elbo-gap.png")
+    iwae_figure(out / "iwae-vs-k.png")
+    accuracy_table(out / "accuracy.md")
+    print(f"site_figures: elbo-gap.png, iwae-vs-k.png, accuracy.md in {out}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "figures")

@@ -1,0 +1,408 @@
+"""toyvae.testing: the linear VAE, the ELBO-estimator checker, and its catalog of planted bugs.
+
+Most checks here run at the checker's defaults (200 draws, false-alarm probability 1e-6), so
+that "every planted bug is flagged and every correct twin passes" is a statement about what
+users get. Each check is run once (cached) and shared between the tests that read it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+import toyvae
+from toyvae.testing import (
+    DEFAULT_NUM_DRAWS,
+    ELBOCheck,
+    LinearVAE,
+    assert_elbo_estimator,
+    bugs,
+    check_elbo_estimator,
+    linear_vae,
+)
+
+EPS64 = torch.finfo(torch.float64).eps
+# Two-sided normal quantile for a false-alarm probability of 1e-6 per assertion.
+Z_1E6 = float(scipy.stats.norm.isf(0.5e-6))
+CORRECT = sorted({bug.correct for bug in bugs.CATALOG}, key=lambda f: f.__name__)
+
+
+@functools.cache
+def _vae(exact_encoder: bool = False) -> LinearVAE:
+    return linear_vae(exact_encoder=exact_encoder)
+
+
+@functools.cache
+def _check(estimator, options: tuple = (), exact_encoder: bool = False) -> ELBOCheck:
+    return check_elbo_estimator(estimator, _vae(exact_encoder), **dict(options))
+
+
+def _options(bug: bugs.PlantedBug) -> tuple:
+    return tuple(sorted(bug.options.items()))
+
+
+def _exact_parts(vae: LinearVAE):
+    """Model, q, and per-row exact ELBO, KL(q ‖ p(z)) and log det Σ_q, without gradients."""
+    encoder, decoder, x = vae
+    with torch.no_grad():
+        model, q = decoder.model(), encoder(x)
+        return (
+            model,
+            q,
+            toyvae.elbo(model, x, q),
+            toyvae.kl_to_prior(q),
+            toyvae.as_gaussian(q).log_det_cov(),
+        )
+
+
+def _quadratic_form_cumulants(vae: LinearVAE, full_log_weight: bool):
+    r"""Exact 2nd and 4th cumulants of one draw of a single-sample ELBO estimate, summed over x.
+
+    With z = m + Lε, ε ~ N(0, I), one row's draw is εᵀBε + bᵀε + const, where (whitened
+    Ã = Ψ^{-1/2}W, r̃ = Ψ^{-1/2}(x − b), G = ÃᵀÃ, Λ = I + G):
+      - reconstruction only (closed-form KL):  B = −½ L G L,       b = L Ãᵀ(r̃ − Ã m);
+      - log w = log p(x, z) − log q(z):         B = −½ (L Λ L − I), b = L (Ãᵀ r̃ − Λ m).
+    For ε ~ N(0, I): κ₂ = 2 tr B² + ‖b‖², κ₄ = 48 tr B⁴ + 48 bᵀB²b. Rows are independent, so
+    cumulants add over rows.
+    """
+    encoder, decoder, x = vae
+    with torch.no_grad():
+        mean, logvar = encoder.encode(x)
+        noise_sd = (0.5 * decoder.logvar).exp().expand(x.shape[-1])
+        whitened = decoder.mean.weight / noise_sd.unsqueeze(-1)
+        residual = (x - decoder.mean.bias) / noise_sd
+        gram = whitened.mT @ whitened
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+        scale = torch.diag_embed((0.5 * logvar).exp())  # (N, K, K)
+        if full_log_weight:
+            b_matrix = -0.5 * (scale @ (eye + gram) @ scale - eye)
+            linear = residual @ whitened - mean @ (eye + gram)
+        else:
+            b_matrix = -0.5 * scale @ gram @ scale
+            linear = (residual - mean @ whitened.mT) @ whitened
+        b_vector = (scale @ linear.unsqueeze(-1)).squeeze(-1)
+        b2 = b_matrix @ b_matrix
+        kappa2 = 2 * b2.diagonal(dim1=-2, dim2=-1).sum(-1) + b_vector.square().sum(-1)
+        quartic = (b_vector.unsqueeze(-2) @ b2 @ b_vector.unsqueeze(-1)).reshape(-1)
+        kappa4 = 48 * (b2 @ b2).diagonal(dim1=-2, dim2=-1).sum(-1) + 48 * quartic
+        return float(kappa2.sum()), float(kappa4.sum())
+
+
+def _rounding(vae: LinearVAE, num_draws: int, bias: float) -> float:
+    """Allowed rounding in (mean of buggy draws − mean of twin draws) − exact bias.
+
+    Each draw is a float64 sum over N rows of D + K elementwise terms, whose sizes add up to
+    about M = Σ_rows (|E_q log p(x|z)| + KL(q ‖ p(z))) + |bias|; Higham's bound n·ε·M with
+    n = N + D + K, plus log₂(num_draws) levels of pairwise summation for the mean. Four such
+    quantities meet (two means, the bias, and the terms it is built from). A real defect
+    moves the mean by O(1) nats, some 10¹⁰ times more.
+    """
+    x = vae.x
+    model, q, _, kl, _ = _exact_parts(vae)
+    with torch.no_grad():
+        magnitude = (toyvae.expected_log_likelihood(model, x, q).abs() + kl).sum().item()
+    n, d = x.shape
+    levels = n + d + model.latent_dim + math.log2(num_draws)
+    return 4 * levels * EPS64 * (magnitude + abs(bias))
+
+
+# -- the linear VAE -----------------------------------------------------------------------------
+
+
+def test_exact_encoder_is_the_posterior():
+    """With exact_encoder=True, KL(q ‖ p(z|x)) = 0 and ELBO = log p(x) to rounding, per row."""
+    vae = _vae(exact_encoder=True)
+    model, q, elbo, _, _ = _exact_parts(vae)
+    with torch.no_grad():
+        gap = toyvae.kl_to_posterior(model, vae.x, q)
+        log_evidence = model.log_evidence(vae.x)
+        magnitude = toyvae.expected_log_likelihood(model, vae.x, q).abs() + log_evidence.abs()
+    d, k = model.data_dim, model.latent_dim
+    # Sums of D + K terms each (Higham n·ε·M), four quantities meet in log p = ELBO + KL.
+    tolerance = 4 * (d + k) * EPS64 * magnitude
+    assert bool((gap.abs() <= tolerance).all()), gap
+    assert bool(((log_evidence - elbo).abs() <= tolerance).all())
+
+
+def test_default_encoder_is_far_from_the_posterior():
+    """The default encoder is off: KL(q ‖ p(z|x)) is at least 0.1 nats in every row."""
+    vae = _vae()
+    model, q, _, _, _ = _exact_parts(vae)
+    with torch.no_grad():
+        gap = toyvae.kl_to_posterior(model, vae.x, q)
+    # 0.1 nats per row: far above rounding (1e-13) and enough for ELBO, IWAE_k, log p(x) to part.
+    assert float(gap.min()) > 0.1, gap
+
+
+def test_modules_define_the_exact_model():
+    """decoder(z).log_prob(x) + log N(z; 0, I) is model.log_joint(x, z); encoder(x) is encode(x)."""
+    encoder, decoder, x = _vae()
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(x.shape[0], 3, generator=generator, dtype=x.dtype)
+    with torch.no_grad():
+        by_modules = decoder(z).log_prob(x) - 0.5 * (z.square().sum(-1) + 3 * math.log(2 * math.pi))
+        exact = decoder.model().log_joint(x, z)
+        mean, logvar = encoder.encode(x)
+        q = encoder(x)
+    # Sums of D + K + 2 terms of magnitude ≤ |log p(x, z)| + D·|log Ψ| each: Higham n·ε·M.
+    magnitude = exact.abs() + x.shape[-1] * decoder.logvar.detach().abs().max()
+    assert bool(((by_modules - exact).abs() <= 4 * (6 + 3) * EPS64 * magnitude).all())
+    assert torch.equal(q.base_dist.loc, mean)
+    # exp(½ logvar) squared vs exp(logvar): two roundings of a few ulps.
+    assert torch.allclose(q.base_dist.scale.square(), logvar.exp(), rtol=8 * EPS64, atol=0)
+
+
+def test_linear_vae_is_seeded_and_leaves_the_global_generator_alone():
+    """Same seed, same VAE and data; another seed, other data; torch's global RNG untouched."""
+    state = torch.get_rng_state()
+    first, second, other = linear_vae(seed=3), linear_vae(seed=3), linear_vae(seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first.x, second.x)
+    for a, b in zip(first.encoder.parameters(), second.encoder.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(first.x, other.x)
+
+
+def test_linear_vae_rejects_bad_sizes():
+    """latent_dim > data_dim and non-positive sizes raise ValueError naming the argument."""
+    with pytest.raises(ValueError, match="latent_dim must be at most data_dim"):
+        linear_vae(data_dim=2, latent_dim=3)
+    with pytest.raises(ValueError, match="num_data must be a positive integer"):
+        linear_vae(num_data=0)
+
+
+# -- the catalog: every bug flagged, every correct twin passes -----------------------------------
+
+
+@pytest.mark.parametrize("estimator", CORRECT, ids=lambda f: f.__name__)
+def test_correct_estimators_pass(estimator):
+    """Each correct estimator of the catalog passes the check, value and gradient, at defaults."""
+    options = next(_options(bug) for bug in bugs.CATALOG if bug.correct is estimator)
+    check = _check(estimator, options)
+    # The checker's own decision: a false alarm has probability 1e-6 by construction.
+    assert check.passed, check.message
+    assert check.direction == "consistent"
+    assert check.num_draws == DEFAULT_NUM_DRAWS
+
+
+@pytest.mark.parametrize("bug", bugs.CATALOG, ids=lambda b: b.name)
+def test_planted_bug_is_flagged(bug):
+    """Each planted bug fails the check at the defaults, by a wide margin (see the docs page)."""
+    check = _check(bug.buggy, _options(bug))
+    assert not check.passed, check.message
+    assert "FAILED" in check.message
+
+
+def _exact_bias(name: str, vae: LinearVAE) -> float:
+    """The exact E[buggy] − E[correct twin] for bugs that shift the estimate deterministically."""
+    model, _, _, kl, log_det = _exact_parts(vae)
+    n, d = vae.x.shape
+    k = model.latent_dim
+    return {
+        # recon + KL instead of recon − KL.
+        "kl_wrong_sign": 2 * kl.sum(),
+        # KL without −½ log det Σ_q raises the ELBO by −½ log det Σ_q per row.
+        "kl_missing_log_det": -0.5 * log_det.sum(),
+        # KL/K instead of KL.
+        "kl_averaged_over_latents": (1 - 1 / k) * kl.sum(),
+        # Loss: KL summed over rows instead of averaged.
+        "loss_batch_mean_and_sum": kl.sum() - kl.mean(),
+        # log p(x|z) loses −½ D log 2π; those of p(z) and q(z) cancel.
+        "dropped_log_2pi": 0.5 * d * math.log(2 * math.pi) * n,
+        # log Σ w instead of log (1/k) Σ w.
+        "iwae_missing_log_k": n * math.log(bugs.IWAE_K),
+    }[name]
+
+
+SHIFTING_BUGS = [
+    bug
+    for bug in bugs.CATALOG
+    if bug.name
+    in {
+        "kl_wrong_sign",
+        "kl_missing_log_det",
+        "kl_averaged_over_latents",
+        "loss_batch_mean_and_sum",
+        "dropped_log_2pi",
+        "iwae_missing_log_k",
+    }
+]
+
+
+@pytest.mark.parametrize("bug", SHIFTING_BUGS, ids=lambda b: b.name)
+def test_reported_offset_is_the_exact_bias(bug):
+    """For a bug that adds a fixed offset, the report's mean moves by exactly that offset.
+
+    The bug and its twin draw the same noise from the same seed, so their means over the same
+    draws differ by the exact bias, up to rounding only.
+    """
+    buggy, correct = _check(bug.buggy, _options(bug)), _check(bug.correct, _options(bug))
+    bias = float(_exact_bias(bug.name, _vae()))
+    # Rounding of two means of sums over the same draws (see _rounding).
+    assert abs((buggy.mean - correct.mean) - bias) <= _rounding(_vae(), DEFAULT_NUM_DRAWS, bias)
+    assert buggy.direction == ("too high" if bias > 0 else "too low")
+    side = "above" if bias > 0 else "below"
+    assert f"{abs(buggy.difference):.3g} nats {side}" in buggy.message
+
+
+def test_no_reparameterisation_has_the_right_value_and_a_wrong_encoder_gradient():
+    """z = q.sample(): the value passes; the gradient fails at an encoder parameter."""
+    check = _check(bugs.no_reparameterisation)
+    assert check.direction == "consistent", check.message
+    assert check.gradient_passed is False
+    assert check.gradient_parameter.startswith("encoder."), check.gradient_parameter
+    assert "gradient: WRONG" in check.message
+
+
+@pytest.mark.parametrize(
+    ("estimator", "full_log_weight"),
+    [(bugs.elbo_analytic_kl, False), (bugs.elbo_by_hand, True)],
+    ids=["analytic_kl", "log_weight"],
+)
+def test_correct_estimator_mean_and_standard_error_match_exact_moments(estimator, full_log_weight):
+    """The reported mean is within the exact-variance band of the ELBO; the SE is the exact one."""
+    check = _check(estimator)
+    vae = _vae()
+    _, _, elbo, _, _ = _exact_parts(vae)
+    kappa2, kappa4 = _quadratic_form_cumulants(vae, full_log_weight)
+    n = check.num_draws
+    exact_se = math.sqrt(kappa2 / n)
+    # The mean of n iid draws, each a sum of 32 independent quadratic forms: normal by the CLT,
+    # with the exact standard error; false-alarm probability 1e-6.
+    assert abs(check.mean - float(elbo.sum())) <= Z_1E6 * exact_se
+    # Sample variance s² of n iid draws: Var(s²) = κ₄/n + 2κ₂²/(n − 1) exactly; s² is a mean of
+    # n terms, so normal to good accuracy; the 1e-6 band on s², mapped to the SE (= s/√n).
+    band = Z_1E6 * math.sqrt(kappa4 / n + 2 * kappa2**2 / (n - 1))
+    sample_variance = check.standard_error**2 * n
+    assert abs(sample_variance - kappa2) <= band, (sample_variance, kappa2, band)
+
+
+def test_iwae_reference_lies_between_the_exact_bounds():
+    """ELBO ≤ reference L_5 ≤ log p(x), and the default VAE keeps all three far apart."""
+    check = _check(bugs.iwae, (("k", bugs.IWAE_K),))
+    vae = _vae()
+    model, _, elbo, _, _ = _exact_parts(vae)
+    with torch.no_grad():
+        log_evidence = float(model.log_evidence(vae.x).sum())
+    elbo = float(elbo.sum())
+    # The Monte Carlo gap is ≥ 0 draw by draw (Jensen), so this holds deterministically.
+    assert elbo <= check.exact
+    # log p(x) − L_5 > 0 exactly; the estimate must respect it beyond its own 1e-6 band.
+    assert check.exact + Z_1E6 * check.exact_standard_error < log_evidence
+    # Far apart: an estimator off by either gap (the mean of log weights has mean ELBO; an
+    # estimator of log p(x)) is flagged with probability ≥ 1 − 1e-6, which needs a gap of at
+    # least (threshold + Z_1E6) standard errors: the z-statistic then exceeds the threshold
+    # unless it falls Z_1E6 below its mean.
+    needed = (check.threshold + Z_1E6) * math.hypot(
+        check.standard_error, check.exact_standard_error
+    )
+    assert check.exact - elbo > needed
+    assert log_evidence - check.exact > needed
+
+
+def test_exact_encoder_makes_estimates_exact_and_hides_the_mean_of_log_weights():
+    """With q = p(z|x) every log weight is log p(x): a correct ELBO has zero variance, and
+    mean-of-log-weights cannot be told from IWAE (why the default encoder is not the posterior)."""
+    correct = _check(bugs.elbo_by_hand, exact_encoder=True)
+    assert correct.passed, correct.message
+    # Zero variance up to rounding: a few ulps of |log p(x)| ≈ 300 per draw.
+    assert correct.standard_error <= 64 * EPS64 * abs(correct.exact)
+    hidden = check_elbo_estimator(
+        bugs.iwae_mean_of_log_weights, _vae(True), k=bugs.IWAE_K, num_draws=20
+    )
+    assert hidden.passed, hidden.message
+
+
+# -- the report and the assert-style variant -----------------------------------------------------
+
+
+def test_report_names_amount_direction_and_verdict():
+    """str(check) says passed/FAILED, the offset in nats, its side and z; passing says so too."""
+    good, bad = _check(bugs.elbo_analytic_kl), _check(bugs.kl_wrong_sign)
+    assert str(good) == good.message
+    assert good.message.startswith("ELBO estimator check: passed")
+    assert "consistent with the exact ELBO" in good.message
+    assert bad.message.startswith("ELBO estimator check: FAILED")
+    assert f"nats above the exact ELBO (z = {bad.z:+.1f}" in bad.message
+    assert bad.message.splitlines()[1].endswith("too high")
+
+
+def test_assert_variant_raises_with_the_report():
+    """assert_elbo_estimator returns the check if it passes, else raises AssertionError."""
+    check = assert_elbo_estimator(bugs.elbo_analytic_kl, _vae(), num_draws=20)
+    assert check.passed
+    with pytest.raises(AssertionError, match="nats above the exact ELBO"):
+        assert_elbo_estimator(bugs.kl_wrong_sign, _vae(), num_draws=20)
+
+
+def test_non_finite_estimates_fail():
+    """An estimator returning NaN fails, and the report says how many draws were not finite."""
+
+    def broken(x, encoder, decoder, generator):
+        return bugs.elbo_analytic_kl(x, encoder, decoder, generator) * float("nan")
+
+    check = check_elbo_estimator(broken, _vae(), num_draws=10)
+    assert not check.passed
+    assert check.direction == "not finite"
+    assert "NOT FINITE in 10 of 10 draws" in check.message
+
+
+def test_reduction_none_and_float32():
+    """A per-row estimator passes with reduction='none', and a float32 VAE works the same way."""
+
+    def per_row(x, encoder, decoder, generator):
+        mean, logvar = encoder.encode(x)
+        z = mean + (0.5 * logvar).exp() * torch.randn(
+            mean.shape, generator=generator, dtype=mean.dtype, device=mean.device
+        )
+        q, prior = encoder(x), torch.distributions.Normal(torch.zeros_like(z), 1.0)
+        return decoder(z).log_prob(x) + prior.log_prob(z).sum(-1) - q.log_prob(z)
+
+    check = check_elbo_estimator(per_row, _vae(), reduction="none", num_draws=50)
+    assert check.passed, check.message
+    check32 = check_elbo_estimator(
+        bugs.elbo_analytic_kl, linear_vae(dtype=torch.float32), num_draws=50
+    )
+    assert check32.passed, check32.message
+
+
+def test_check_leaves_the_global_generator_alone():
+    """The checker seeds torch's global RNG for estimators that use it, then restores it."""
+    state = torch.get_rng_state()
+    first = check_elbo_estimator(bugs.no_reparameterisation, _vae(), num_draws=10)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = check_elbo_estimator(bugs.no_reparameterisation, _vae(), num_draws=10)
+    assert first.mean == second.mean  # q.sample() drew the same numbers: reproducible
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "pattern"),
+    [
+        ({"reduction": "avg"}, ValueError, "reduction must be 'sum', 'mean' or 'none', got 'avg'"),
+        ({"k": 0}, ValueError, "k must be a positive integer"),
+        ({"num_draws": 3}, ValueError, "num_draws must be an integer of at least 10, got 3"),
+        ({"false_alarm": 2.0}, ValueError, r"false_alarm must be a float in \(0, 1\), got 2.0"),
+        ({"loss": "yes"}, TypeError, "loss must be a bool"),
+        ({"check_gradient": 1}, TypeError, "check_gradient must be a bool, got 1"),
+    ],
+)
+def test_bad_options_raise(options, error, pattern):
+    """Bad options raise ValueError or TypeError naming the option, the value, what's expected."""
+    with pytest.raises(error, match=pattern):
+        check_elbo_estimator(bugs.elbo_analytic_kl, _vae(), **options)
+
+
+def test_bad_estimators_raise():
+    """A non-callable, a non-tensor result or a wrongly shaped result is named in the error."""
+    with pytest.raises(TypeError, match="estimator must be a function"):
+        check_elbo_estimator(3, _vae())
+    with pytest.raises(TypeError, match="estimator must return a floating-point torch tensor"):
+        check_elbo_estimator(lambda *args: 1.0, _vae())
+    with pytest.raises(ValueError, match=r"single number with reduction='sum', got an array"):
+        check_elbo_estimator(lambda x, *args: x.sum(-1), _vae())
+    with pytest.raises(ValueError, match=r"one value per row of x, shape \(32,\)"):
+        check_elbo_estimator(lambda x, *args: x.sum(), _vae(), reduction="none")
