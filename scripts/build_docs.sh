@@ -2,7 +2,7 @@
 # Build the documentation site, offline and strict: bash scripts/build_docs.sh [SITE_DIR]
 #
 # 1. Regenerates the figures every page needs into docs/figures/ (git-ignored), with every
-#    figure script that exists: scripts/make_figures.py, scripts/site_figures.py.
+#    figure script: scripts/make_figures.py (the classic questions), scripts/site_figures.py.
 # 2. mkdocs build --strict into SITE_DIR (default: site/). KaTeX and the iframe-worker shim are
 #    copied from node_modules/ (run `npm ci` first); the site makes no network request.
 # Needs the docs extra: pip install -e ".[docs]".
@@ -16,10 +16,8 @@ if [[ ! -f node_modules/katex/package.json || ! -f node_modules/iframe-worker/pa
 fi
 
 for script in scripts/make_figures.py scripts/site_figures.py; do
-    if [[ -f "$script" ]]; then
-        echo "build_docs: python $script"
-        python "$script"
-    fi
+    echo "build_docs: python $script"
+    python "$script"
 done
 
 export NO_MKDOCS_2_WARNING=1  # mkdocs-material's banner about MkDocs 2.0; we pin mkdocs<2

@@ -1,0 +1,144 @@
+"""Write the figures of docs/prior-vs-aggregate.md and docs/elbo-vs-likelihood.md to docs/figures/.
+
+Usage: python scripts/make_figures.py [OUTPUT_DIR]   (default: docs/figures)
+Every number plotted is computed by toyvae; nothing is drawn by hand.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch.distributions import MultivariateNormal
+
+import toyvae
+from toyvae.aggregate import (
+    LinearGaussianEncoder,
+    aggregate_posterior,
+    empirical_aggregate_log_density,
+)
+from toyvae.learning import (
+    counterexample_objectives,
+    counterexample_optima,
+    fit_linear_vae,
+    ppca_maximum_likelihood,
+)
+
+F64 = torch.float64
+
+
+def spectrum_data(eigenvalues, n=50, seed=4):
+    """n points whose sample covariance has exactly the given eigenvalues (as in the tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    d = len(eigenvalues)
+    raw = torch.randn(n, d, dtype=F64, generator=gen)
+    raw = raw - raw.mean(0)
+    cov = raw.mT @ raw / n
+    white = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), raw.mT, upper=False).mT
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, dtype=F64, generator=gen))
+    scales = torch.tensor(eigenvalues, dtype=F64).sqrt()
+    return (white * scales) @ rotation.mT + torch.randn(d, dtype=F64, generator=gen)
+
+
+def counterexample(out: Path) -> None:
+    weights = np.linspace(0.05, 2.0, 200)
+    values = [counterexample_objectives(float(w), 3.0) for w in weights]
+    log_p = np.array([v.log_likelihood.item() for v in values])
+    bound = np.array([v.elbo.item() for v in values])
+    optima = counterexample_optima(3.0)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(weights, log_p, label=r"$\mathbb{E}\,\log p_w(x)$")
+    ax.plot(weights, bound, label=r"best mean-field ELBO")
+    ax.axvline(optima.maximum_likelihood, color="C0", ls=":", label=f"ML: w = {optima[0]:.3f}")
+    ax.axvline(optima.maximum_elbo, color="C1", ls=":", label=f"max ELBO: w = {optima[1]:.3f}")
+    ax.set_xlabel("w")
+    ax.set_ylabel("nats per data point")
+    ax.set_title(r"$x = w(z_1 + z_2) + \varepsilon$, $\mathbb{E}[x^2] = 3$")
+    ax.set_ylim(-2.6, -1.85)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "counterexample.png", dpi=120)
+    plt.close(fig)
+
+
+def training(out: Path) -> None:
+    eigenvalues = [9.0, 4.0, 1.0, 0.6]
+    x = spectrum_data(eigenvalues)
+    best = ppca_maximum_likelihood(x, 2).log_evidence(x).mean().item()
+    runs = {
+        "exact ELBO, full encoder (L-BFGS)": fit_linear_vae(x, 2, encoder="full", steps=120),
+        "exact ELBO, diagonal encoder (L-BFGS)": fit_linear_vae(
+            x, 2, encoder="diagonal", steps=120
+        ),
+        "single-sample ELBO, full encoder (Adam)": fit_linear_vae(
+            x, 2, objective="single_sample", steps=600, learning_rate=0.05
+        ),
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, (title, fit) in zip(axes, runs.items(), strict=True):
+        steps = np.arange(len(fit.history.elbo))
+        ax.plot(steps, fit.history.log_likelihood, label=r"$\log p_\theta(x)$")
+        ax.plot(steps, fit.history.elbo, label="ELBO (exact)")
+        ax.axhline(best, color="k", ls=":", label="PPCA maximum likelihood")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylim(best - 1.5, best + 0.2)
+    axes[0].set_ylabel("nats per data point")
+    axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=120)
+    plt.close(fig)
+
+
+def aggregate(out: Path) -> None:
+    model = toyvae.LinearGaussian(
+        torch.tensor([[2.0, 0.0], [0.5, 1.0], [0.0, 0.5]], dtype=F64), noise_variance=0.5
+    )
+    encoder = LinearGaussianEncoder.exact_posterior(model)
+    marginal = model.marginal()
+    matched = MultivariateNormal(marginal.loc, marginal.covariance_matrix)
+    wrong = MultivariateNormal(
+        torch.tensor([1.0, 0.0, 0.0], dtype=F64), 0.3 * marginal.covariance_matrix
+    )
+    points, _ = model.sample((20,), generator=torch.Generator().manual_seed(0))
+    grid = torch.linspace(-3.5, 3.5, 201, dtype=F64)
+    zz = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1)
+    prior = model.prior().log_prob(zz).exp()
+    panels = [
+        ("data from the model", aggregate_posterior(encoder, matched).log_prob(zz).exp()),
+        ("misspecified Gaussian data", aggregate_posterior(encoder, wrong).log_prob(zz).exp()),
+        ("20 data points (mixture)", empirical_aggregate_log_density(encoder, points, zz).exp()),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for ax, (title, density) in zip(axes, panels, strict=True):
+        ax.contourf(grid, grid, density, levels=12, cmap="Blues")
+        ax.contour(grid, grid, prior, levels=6, colors="k", linewidths=0.8, linestyles="--")
+        ax.set_title(title, fontsize=10)
+        ax.set_aspect("equal")
+        ax.set_xlabel("$z_1$")
+    axes[0].set_ylabel("$z_2$")
+    fig.suptitle("aggregate posterior q(z) (filled) against the prior p(z) (dashed)")
+    fig.tight_layout()
+    fig.savefig(out / "aggregate.png", dpi=120)
+    plt.close(fig)
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    counterexample(out)
+    training(out)
+    aggregate(out)
+
+
+if __name__ == "__main__":
+    main(
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).parent.parent / "docs" / "figures"
+    )
