@@ -5,6 +5,8 @@ r"""Figures for the documentation site, computed by toyvae itself: python script
 - ``iwae-vs-k.png``: the IWAE bound L_k against k, each estimated from many independent draws
   (with an interval of ±4 exact-variance-free standard errors), between the exact ELBO (k = 1)
   and log p(x), with the first-order asymptote log p(x) − χ²/(2k).
+- ``snr.png``: the IWAE gradient signal-to-noise ratios of Rainforth et al. (2018) against k,
+  from ``toyvae.snr`` (1000 draws per k).
 - ``accuracy.md``: the table of achieved float64 errors against the 60-digit mpmath oracle,
   from ``tests/test_high_precision.py``, included by docs/how-we-know.md.
 
@@ -26,6 +28,7 @@ from torch.distributions import MultivariateNormal
 
 import toyvae
 from toyvae.estimators import iwae_estimates, iwae_first_order_bias
+from toyvae.snr import gradient_snr, plot_snr, rainforth_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 DPI = 150
@@ -185,8 +188,11 @@ def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     elbo_gap_figure(out / "elbo-gap.png")
     iwae_figure(out / "iwae-vs-k.png")
+    generator = torch.Generator().manual_seed(0)
+    problem = rainforth_problem(generator=generator)
+    plot_snr(gradient_snr(problem, (1, 4, 16, 64, 256), 1000, generator=generator), out / "snr.png")
     accuracy_table(out / "accuracy.md")
-    print(f"site_figures: elbo-gap.png, iwae-vs-k.png, accuracy.md in {out}")
+    print(f"site_figures: elbo-gap.png, iwae-vs-k.png, snr.png, accuracy.md in {out}")
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ def iwae_gradient_expansion(problem: RainforthProblem, k, parameter: str) -> Gra
 
     both up to O(k⁻³), where U = α r (z − π), ρ = r − 1 and, from the tilted moments,
     c_RR = E r² − 1, c_UR = α E[r²] t₂, c_URR = α (E[r³] t₃ − 2 E[r²] t₂),
-    c_UU = α² E[r²] (t₂² + v₂), c_UUR = α² (E[r³](t₃² + v₃) − E[r²](t₂² + v₂)).
+    c_UU = α² E[r²]·(t₂² + v₂), c_UUR = α² (E[r³]·(t₃² + v₃) − E[r²]·(t₂² + v₂)).
     The leading mean term −c_UR/k of the inference gradient is −∇_b χ²/(2k)
     (:func:`asymptotic_inference_gradient`).
 
@@ -412,7 +412,9 @@ def plot_snr(table: SNRTable, path) -> None:
     ax.set(xlabel="k", ylabel="SNR", title="IWAE gradient SNR (Rainforth et al. 2018)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(
+        path, dpi=120, metadata={"Software": None}
+    )  # no version stamp: reruns are identical
     plt.close(fig)
 
 
