@@ -1,4 +1,5 @@
-"""Write the figures of docs/prior-vs-aggregate.md and docs/elbo-vs-likelihood.md to docs/figures/.
+"""Write the figures of the classic-question pages (one-sample, prior-vs-aggregate,
+elbo-vs-likelihood) to docs/figures/.
 
 Usage: python scripts/make_figures.py [OUTPUT_DIR]   (default: docs/figures)
 Every number plotted is computed by toyvae; nothing is drawn by hand.
@@ -24,6 +25,7 @@ from toyvae.aggregate import (
     empirical_aggregate_log_density,
 )
 from toyvae.learning import (
+    best_mean_field,
     counterexample_objectives,
     counterexample_optima,
     fit_linear_vae,
@@ -63,7 +65,7 @@ def counterexample(out: Path) -> None:
     ax.set_ylim(-2.6, -1.85)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "counterexample.png", dpi=120)
+    fig.savefig(out / "counterexample.png", dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
@@ -92,7 +94,7 @@ def training(out: Path) -> None:
     axes[0].set_ylabel("nats per data point")
     axes[0].legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=120)
+    fig.savefig(out / "training.png", dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
@@ -125,12 +127,81 @@ def aggregate(out: Path) -> None:
     axes[0].set_ylabel("$z_2$")
     fig.suptitle("aggregate posterior q(z) (filled) against the prior p(z) (dashed)")
     fig.tight_layout()
-    fig.savefig(out / "aggregate.png", dpi=120)
+    fig.savefig(out / "aggregate.png", dpi=120, metadata={"Software": None})
+    plt.close(fig)
+
+
+def one_sample(out: Path) -> None:
+    """docs/one-sample.md: Var log w and χ² against 2 KL near the posterior; gaps against k."""
+    generator = torch.Generator().manual_seed(0)
+    options = {"dtype": F64, "generator": generator}
+    truth = toyvae.LinearGaussian(torch.randn(5, 2, **options), torch.randn(5, **options), 0.3)
+    x, _ = truth.sample((16,), generator=generator)
+    weight = 1 + 0.3 * torch.randn(5, 2, **options)
+    model = toyvae.LinearGaussian(weight, x.mean(0), noise_variance=0.5)  # as on the page
+    x = x[0]
+    posterior = model.posterior(x)
+    mu, s = posterior.loc, posterior.scale_tril
+    e = torch.tensor([[0.5, 0.0], [0.7, -0.4]], dtype=F64)
+    a = torch.tensor([0.6, -0.8], dtype=F64)
+
+    def q_t(t):
+        return MultivariateNormal(
+            mu + t * (s @ a), scale_tril=s @ (torch.eye(2, dtype=F64) + t * e)
+        )
+
+    ts = np.geomspace(0.01, 0.3, 20)
+    twice_kl = np.array([2 * toyvae.kl_to_posterior(model, x, q_t(t)).item() for t in ts])
+    variance = np.array([toyvae.log_weight_moments(model, x, q_t(t)).variance.item() for t in ts])
+    chi2 = np.array([toyvae.chi_square_divergence(model, x, q_t(t)).item() for t in ts])
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.loglog(twice_kl, variance, "o-", ms=3, label=r"$\mathrm{Var}\,\log w$")
+    left.loglog(twice_kl, chi2, "s-", ms=3, label=r"$\chi^2(p_\theta(z\mid x)\,\|\,q_t)$")
+    left.loglog(twice_kl, twice_kl, "k--", lw=0.8, label=r"$2\,\mathrm{KL}$ (diagonal)")
+    left.set_xlabel(r"$2\,\mathrm{KL}(q_t\,\|\,p_\theta(z\mid x))$")
+    left.set_title(r"towards the posterior along $q_t$ (O4)", fontsize=10)
+    left.legend()
+
+    ks = [1, 2, 4, 8, 16, 32, 64]
+    log_evidence = model.log_evidence(x).item()
+    mean_field = best_mean_field(model, x)
+    for q, name, colour in [
+        (mean_field, r"mean-field $q$, $\chi^2 = \infty$", "C0"),
+        (q_t(0.3), r"$q_{0.3}$", "C1"),
+    ]:
+        kl = toyvae.kl_to_posterior(model, x, q).item()
+        gaps, errors = [], []
+        for k in ks:
+            draws = toyvae.iwae_estimates(model, x, q, k, 20_000, generator=generator)
+            gaps.append(log_evidence - draws.mean().item())
+            errors.append(2 * draws.std().item() / 20_000**0.5)
+        right.errorbar(ks, gaps, yerr=errors, fmt="o", ms=4, color=colour, label=f"IWAE, {name}")
+        right.plot(ks, [kl] * len(ks), ":", color=colour, label=f"average of $k$, {name}")
+        chi_square = toyvae.chi_square_divergence(model, x, q).item()
+        if np.isfinite(chi_square):
+            right.plot(
+                ks,
+                [chi_square / (2 * k) for k in ks],
+                "-",
+                color=colour,
+                lw=0.8,
+                label=rf"$\chi^2/(2k)$, {name}",
+            )
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("$k$ (samples per data point)")
+    right.set_ylabel(r"$\log p_\theta(x) - \mathbb{E}[\mathrm{estimate}]$ (nats)")
+    right.set_title("what $k$ samples buy (O5)", fontsize=10)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "one-sample.png", dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    one_sample(out)
     counterexample(out)
     training(out)
     aggregate(out)
