@@ -8,7 +8,6 @@ import scipy.special
 import scipy.stats
 import torch
 from hypothesis import given
-from tolerances import EPS
 from torch.distributions import MultivariateNormal
 
 import toyvae
@@ -23,6 +22,7 @@ from toyvae.aggregate import (
     joint_kl,
 )
 from toyvae.strategies import linear_gaussian_models
+from toyvae.tolerances import EPS
 
 F64 = torch.float64
 # Two-sided normal tail P(|Z| > 5) = 5.7e-7 ≤ 1e-6: the false-alarm probability per assertion.

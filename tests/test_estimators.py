@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 import toyvae
-from tests.tolerances import EPS, magnitude
 from toyvae.estimators import (
     chi_square_divergence,
     gauss_hermite_noise,
@@ -32,6 +31,7 @@ from toyvae.estimators import (
     median_of_means,
 )
 from toyvae.strategies import gaussians, linear_gaussian_models, observations
+from toyvae.tolerances import EPS, magnitude
 
 FALSE_ALARM = 1e-6
 EULER_GAMMA = 0.5772156649015329

@@ -4,11 +4,11 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from tolerances import EPS
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
 import toyvae
 from toyvae.strategies import gaussians
+from toyvae.tolerances import EPS
 
 F64 = torch.float64
 

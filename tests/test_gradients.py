@@ -12,7 +12,6 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 import toyvae
-from tests.tolerances import EPS
 from toyvae.estimators import log_weights_at, median_of_means_plan
 from toyvae.gradients import (
     ESTIMATORS,
@@ -21,6 +20,7 @@ from toyvae.gradients import (
     gradient_draws,
     gradient_estimator_moments,
 )
+from toyvae.tolerances import EPS
 
 DT = torch.float64
 FALSE_ALARM = 1e-6

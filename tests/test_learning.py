@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from sklearn.decomposition import PCA
-from tolerances import EPS
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 import toyvae
@@ -21,6 +20,7 @@ from toyvae.learning import (
     inference_gaps,
     ppca_maximum_likelihood,
 )
+from toyvae.tolerances import EPS
 
 F64 = torch.float64
 

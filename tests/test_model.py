@@ -6,10 +6,10 @@ import scipy.stats
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from tolerances import EPS, identity_tolerance
 
 import toyvae
 from toyvae.strategies import linear_gaussian_models, observations
+from toyvae.tolerances import EPS, identity_tolerance
 
 F64 = torch.float64
 

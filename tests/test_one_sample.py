@@ -17,7 +17,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 import toyvae
-from tests.tolerances import EPS, magnitude
+from toyvae.tolerances import EPS, magnitude
 
 DT = torch.float64
 # A generic direction: every term of the cubic coefficient is non-zero.

@@ -7,11 +7,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from tolerances import EPS, identity_tolerance
 from torch.distributions import MultivariateNormal
 
 import toyvae
 from toyvae.strategies import gaussians, linear_gaussian_models, observations
+from toyvae.tolerances import identity_tolerance
 
 
 @st.composite
@@ -87,15 +87,9 @@ def test_bayes_rule_pointwise(data, model):
     x = data.draw(observations(model, batch_shape=(3,)))
     z = data.draw(arrays(float, (3, model.latent_dim), elements=st.floats(-10, 10)))
     z = torch.as_tensor(z)
-    posterior = model.posterior(x)
-    lhs = model.log_joint(x, z) - posterior.log_prob(z)
-    # Beyond the terms of log p(x), both sides carry z-dependent quadratics: ½‖z‖² (prior),
-    # ½‖W̃z‖² ≤ ½‖Λ‖‖z‖² (likelihood) and ½(z−μ)ᵀΛ(z−μ) ≤ ‖Λ‖(‖z‖² + ‖μ‖²) (posterior).
-    # They add 4‖Λ‖(‖z‖² + ‖μ‖²) to M, with the same 4(D + K)·eps per unit of M.
-    spread = (
-        4 * dense_precision(model).norm(2) * (z.square().sum(-1) + posterior.mean.square().sum(-1))
-    )
-    tol = identity_tolerance(model, x) + 4 * (model.data_dim + model.latent_dim) * EPS * spread
+    lhs = model.log_joint(x, z) - model.posterior(x).log_prob(z)
+    # identity_tolerance with z adds the terms of log p(x, z) and log p(z|x) to M.
+    tol = identity_tolerance(model, x, z=z)
     assert ((lhs - model.log_evidence(x)).abs() <= tol).all()
 
 

@@ -1,0 +1,159 @@
+"""The built-in models of ``toyvae report``, and ``--model FILE`` (an ``.npz``) for a user's own.
+
+The built-in models are fixed (built from their own seeds, independent of ``--seed``), so their
+one-line descriptions and the tolerances derived from them are the same in every run; ``--seed``
+drives the data, the variational distributions and the Monte Carlo draws.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from toyvae._checks import describe
+from toyvae.model import LinearGaussian
+
+__all__ = ["Case", "builtin_models", "load_model"]
+
+
+class Case(NamedTuple):
+    """A model to run the battery on, its one-line description, and optionally its data."""
+
+    name: str
+    description: str
+    model: LinearGaussian
+    x: torch.Tensor | None = None  # (N, D); sampled from the model when None
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _ppca() -> Case:
+    rng = _rng(1)
+    d, k = 20, 3
+    model = LinearGaussian(rng.normal(size=(d, k)), rng.normal(size=d), 0.5)
+    return Case("ppca", f"probabilistic PCA: D={d}, K={k}, isotropic Ψ = 0.5·I", model)
+
+
+def _factor_analysis() -> Case:
+    rng = _rng(2)
+    d, k = 30, 4
+    variances = np.exp(rng.uniform(np.log(0.1), np.log(10.0), size=d))
+    model = LinearGaussian(rng.normal(size=(d, k)), rng.normal(size=d), variances)
+    return Case(
+        "factor-analysis",
+        f"factor analysis: D={d}, K={k}, diagonal Ψ with variances log-uniform in [0.1, 10]",
+        model,
+    )
+
+
+def _full_noise() -> Case:
+    rng = _rng(3)
+    d, k = 12, 4
+    basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    eigenvalues = np.exp(rng.uniform(np.log(0.2), np.log(5.0), size=d))
+    psi = (basis * eigenvalues) @ basis.T
+    model = LinearGaussian(rng.normal(size=(d, k)), rng.normal(size=d), 0.5 * (psi + psi.T))
+    return Case(
+        "full-noise",
+        f"full-covariance noise: D={d}, K={k}, dense Ψ with eigenvalues in [0.2, 5]",
+        model,
+    )
+
+
+def _high_dimensional(data_dim: int) -> Case:
+    rng = _rng(4)
+    k = 8
+    variances = np.exp(rng.uniform(np.log(0.5), np.log(2.0), size=data_dim))
+    weight = rng.normal(size=(data_dim, k)) / np.sqrt(k)
+    model = LinearGaussian(weight, rng.normal(size=data_dim), variances)
+    return Case(
+        "high-dimensional",
+        f"high-dimensional: D={data_dim}, K={k}, diagonal Ψ with variances in [0.5, 2]",
+        model,
+    )
+
+
+def _ill_conditioned() -> Case:
+    rng = _rng(5)
+    d, k = 10, 3
+    left, _ = np.linalg.qr(rng.normal(size=(d, k)))
+    right, _ = np.linalg.qr(rng.normal(size=(k, k)))
+    singular = np.array([1e2, 1.0, 1e-2])
+    weight = (left * singular) @ right.T
+    model = LinearGaussian(weight, rng.normal(size=d), 1e-2)
+    precision = np.eye(k) + weight.T @ weight / 1e-2
+    kappa = np.linalg.cond(precision)
+    return Case(
+        "ill-conditioned",
+        f"ill-conditioned: D={d}, K={k}, W with singular values 1e2, 1, 1e-2, Ψ = 0.01·I "
+        f"(posterior precision κ = {kappa:.1e})",
+        model,
+    )
+
+
+def builtin_models(*, quick: bool = False) -> list[Case]:
+    """PPCA, factor analysis, full Ψ, a high-dimensional and an ill-conditioned model."""
+    return [
+        _ppca(),
+        _factor_analysis(),
+        _full_noise(),
+        _high_dimensional(1000 if quick else 2000),
+        _ill_conditioned(),
+    ]
+
+
+_REQUIRED = ("weight", "bias", "noise_variance")
+
+
+def load_model(path) -> Case:
+    """Read a model (and optionally data) from an ``.npz`` file.
+
+    Keys: ``weight`` (D, K), ``bias`` (D,), ``noise_variance`` (a scalar variance σ², a (D,)
+    vector of variances or a (D, D) covariance), and optionally ``x`` (N, D) data; without
+    ``x`` the data are sampled from the model. Raises ``ValueError`` with a one-line message
+    naming the file and what is wrong.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+    missing = [key for key in _REQUIRED if key not in arrays]
+    if missing:
+        raise ValueError(
+            f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
+            f"expected {', '.join(_REQUIRED)} and optionally x (found: "
+            f"{', '.join(sorted(arrays)) or 'nothing'})"
+        )
+    unknown = sorted(set(arrays) - {*_REQUIRED, "x"})
+    if unknown:
+        raise ValueError(
+            f"{path}: unexpected key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"expected {', '.join(_REQUIRED)} and optionally x"
+        )
+    try:
+        model = LinearGaussian(arrays["weight"], arrays["bias"], arrays["noise_variance"])
+        x = None
+        if "x" in arrays:
+            x = model._check_x(arrays["x"])
+            if x.ndim != 2 or x.shape[0] == 0:
+                raise ValueError(f"x must be an (N, D) matrix with N ≥ 1 rows, got {describe(x)}")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    d, k = model.weight.shape
+    source = f"{x.shape[0]} data points from the file" if x is not None else "sampled data"
+    return Case(
+        path.stem,
+        f"from {path.name}: D={d}, K={k}, {model.noise_kind} Ψ, {source}",
+        model,
+        x,
+    )

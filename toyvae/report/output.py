@@ -1,0 +1,108 @@
+"""The report's results as a terminal table, Markdown, JSON, and the plots that go with them."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import NamedTuple
+
+from toyvae.report.checks import Row
+
+__all__ = ["ModelResult", "failures", "markdown", "table", "to_json"]
+
+
+class ModelResult(NamedTuple):
+    """The battery's rows for one model."""
+
+    name: str
+    description: str
+    rows: list[Row]
+
+
+def _verdict(row: Row) -> str:
+    return {True: "pass", False: "FAIL", None: "skip"}[row.passed]
+
+
+def _number(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2e}"
+
+
+def failures(results: list[ModelResult]) -> list[str]:
+    """``model: property`` for every row that failed."""
+    return [f"{r.name}: {row.property}" for r in results for row in r.rows if row.passed is False]
+
+
+def _summary(results: list[ModelResult]) -> str:
+    rows = [row for r in results for row in r.rows]
+    ran = sum(row.passed is not None for row in rows)
+    skipped = len(rows) - ran
+    failed = failures(results)
+    tail = f", {skipped} skipped" if skipped else ""
+    if failed:
+        return f"FAILED: {len(failed)} of {ran} checks{tail}: " + "; ".join(failed)
+    return f"All {ran} checks passed{tail}."
+
+
+def table(results: list[ModelResult], header: str) -> str:
+    """A plain-text table per model: property, worst error, tolerance, verdict, why."""
+    width = max(len(row.property) for r in results for row in r.rows)
+    lines = [header, ""]
+    for r in results:
+        lines.append(f"{r.name}: {r.description}")
+        lines.append(f"  {'property':<{width}}  {'error':>9}  {'tolerance':>9}  result  why")
+        for row in r.rows:
+            lines.append(
+                f"  {row.property:<{width}}  {_number(row.error):>9}  "
+                f"{_number(row.tolerance):>9}  {_verdict(row):<6}  {row.reason}"
+            )
+        lines.append("")
+    lines.append(_summary(results))
+    return "\n".join(lines)
+
+
+def markdown(results: list[ModelResult], header: str) -> str:
+    """The same tables in Markdown, one per model."""
+    lines = ["# toyvae report", "", header, ""]
+    for r in results:
+        lines += [f"## {r.name}", "", r.description, ""]
+        lines += ["| property | worst error | tolerance | result | why |", "|---|---|---|---|---|"]
+        for row in r.rows:
+            reason = row.reason.replace("|", "\\|")
+            lines.append(
+                f"| {row.property} | {_number(row.error)} | {_number(row.tolerance)} | "
+                f"{_verdict(row)} | {reason} |"
+            )
+        lines.append("")
+    lines += [_summary(results), ""]
+    return "\n".join(lines)
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def to_json(results: list[ModelResult], settings: dict) -> str:
+    """The same results as JSON: settings, per-model rows, overall verdict and failing rows."""
+    document = {
+        "settings": settings,
+        "passed": not failures(results),
+        "failures": failures(results),
+        "models": [
+            {
+                "name": r.name,
+                "description": r.description,
+                "rows": [
+                    {
+                        "property": row.property,
+                        "error": _finite(row.error),
+                        "tolerance": _finite(row.tolerance),
+                        "reason": row.reason,
+                        "result": _verdict(row),
+                    }
+                    for row in r.rows
+                ],
+            }
+            for r in results
+        ],
+    }
+    return json.dumps(document, indent=2, ensure_ascii=False)
