@@ -1,6 +1,6 @@
 """Monte Carlo log weights and IWAE estimates against exact means, variances and biases.
 
-Stochastic checks use :func:`toyvae.estimators.median_of_means` with the EXACT variance: its
+Stochastic checks use :func:`toyvae.stats.median_of_means` with the EXACT variance: its
 radius is a distribution-free bound (Chebyshev per group, a binomial tail over groups) with
 false-alarm probability ≤ 1e-6 per assertion, and every seed is fixed.
 """
@@ -21,15 +21,14 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 import toyvae
 from toyvae.estimators import (
     chi_square_divergence,
-    gauss_hermite_noise,
     iwae_estimate,
     iwae_estimates,
     iwae_first_order_bias,
     log_weight_moments,
     log_weights,
     log_weights_at,
-    median_of_means,
 )
+from toyvae.stats import gauss_hermite_noise, median_of_means
 from toyvae.strategies import gaussians, linear_gaussian_models, observations
 from toyvae.tolerances import EPS, magnitude
 

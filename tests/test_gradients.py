@@ -12,7 +12,7 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 import toyvae
-from toyvae.estimators import log_weights_at, median_of_means_plan
+from toyvae.estimators import log_weights_at
 from toyvae.gradients import (
     ESTIMATORS,
     elbo_surrogate,
@@ -20,6 +20,7 @@ from toyvae.gradients import (
     gradient_draws,
     gradient_estimator_moments,
 )
+from toyvae.stats import median_of_means_plan
 from toyvae.tolerances import EPS
 
 DT = torch.float64

@@ -11,8 +11,9 @@ import torch
 import toyvae.report.checks as checks
 import toyvae.report.cli as cli
 from toyvae import LinearGaussian
-from toyvae.estimators import gauss_hermite_noise, log_weights_at
+from toyvae.estimators import log_weights_at
 from toyvae.report.models import builtin_models
+from toyvae.stats import gauss_hermite_noise
 
 # The properties the issue asks the report to show, by the names the table gives them.
 PROPERTIES = [

@@ -6,17 +6,13 @@ log p_θ(x) = ELBO(q) + KL(q ‖ p_θ(z|x)), computed exactly for every Gaussian
 from toyvae.bounds import elbo, expected_log_likelihood, kl_to_posterior, kl_to_prior
 from toyvae.estimators import (
     LogWeightMoments,
-    MeanEstimate,
     chi_square_divergence,
-    gauss_hermite_noise,
     iwae_estimate,
     iwae_estimates,
     iwae_first_order_bias,
     log_weight_moments,
     log_weights,
     log_weights_at,
-    median_of_means,
-    median_of_means_plan,
 )
 from toyvae.gaussians import Gaussian, as_gaussian, entropy, gaussian_kl
 from toyvae.gradients import (
@@ -28,6 +24,7 @@ from toyvae.gradients import (
     gradient_estimator_moments,
 )
 from toyvae.model import LinearGaussian
+from toyvae.stats import MeanEstimate, gauss_hermite_noise, median_of_means, median_of_means_plan
 
 __version__ = "0.1.0"
 

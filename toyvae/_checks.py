@@ -123,3 +123,13 @@ def broadcast_batch(**shapes: tuple[int, ...]) -> tuple[int, ...]:
     except ValueError:
         quoted = " and ".join(f"{name} {tuple(s)}" for name, s in shapes.items())
         raise ValueError(f"batch shapes must broadcast together, got {quoted}") from None
+
+
+def check_count(value, name: str, minimum: int = 1, why: str = "") -> int:
+    """``value`` as an int; ``TypeError``/``ValueError`` unless it is an integer ≥ ``minimum``."""
+    expected = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}{why}, got {describe(value)}")
+    if value < minimum:
+        raise ValueError(f"{name} must be {expected}{why}, got {value}")
+    return int(value)

@@ -26,6 +26,7 @@ from torch.distributions import MultivariateNormal
 
 from toyvae._checks import (
     as_tensor,
+    check_count,
     check_finite,
     check_last_dim,
     check_ndim,
@@ -268,14 +269,6 @@ def empirical_aggregate_log_density(encoder: LinearGaussianEncoder, x, z) -> tor
     return torch.logsumexp(components, -1) - math.log(x.shape[0])
 
 
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(
-            f"{name} must be an integer ≥ 2 (for a standard error), got {describe(value)}"
-        )
-    return value
-
-
 def _stratified(terms: torch.Tensor) -> Estimate:
     """Mean over (M, N) terms, drawn M per stratum n; standard error Σ_n s_n² / (N² M)."""
     m, n = terms.shape
@@ -305,7 +298,7 @@ def empirical_elbo_surgery(
     hold: 0 ≤ I ≤ log N, since x is one of N equally likely points.
     """
     x = _check_points(encoder, x)
-    num_samples = _check_count(num_samples, "num_samples")
+    num_samples = check_count(num_samples, "num_samples", 2, " (for a standard error)")
     means = encoder._mean(x)
     prior = _standard_normal(means, encoder.latent_dim)
     average_kl = _kl(Gaussian(means, encoder.scale_tril), prior).mean()

@@ -27,48 +27,32 @@ finite exactly when M ≻ 0 (equivalently 2Λ − Σ_q⁻¹ ≻ 0).
 
 from __future__ import annotations
 
-import functools
 import math
-import numbers
 from typing import NamedTuple
 
-import numpy as np
 import torch
-from scipy import optimize, stats
 from torch.distributions import MultivariateNormal
 
-from toyvae._checks import broadcast_batch, describe
+from toyvae._checks import broadcast_batch, check_count, describe
 from toyvae.bounds import _check_inputs
 from toyvae.gaussians import Gaussian, _kl
 from toyvae.model import LinearGaussian
 
 __all__ = [
     "LogWeightMoments",
-    "MeanEstimate",
     "chi_square_divergence",
-    "gauss_hermite_noise",
     "iwae_estimate",
     "iwae_estimates",
     "iwae_first_order_bias",
     "log_weight_moments",
     "log_weights",
     "log_weights_at",
-    "median_of_means",
-    "median_of_means_plan",
 ]
 
 _METHODS = ("structured", "plain")
 
 
 # -- validation -------------------------------------------------------------------------------
-
-
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive integer, got {describe(value)}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return int(value)
 
 
 def _check_generator(generator) -> None:
@@ -190,7 +174,7 @@ def log_weights(model, x, q, num_samples, *, generator=None, method="structured"
     (num_samples, *batch) tensor
     """
     x, gq = _check_inputs(model, x, q)
-    num_samples = _check_count(num_samples, "num_samples")
+    num_samples = check_count(num_samples, "num_samples")
     _check_generator(generator)
     _check_method(method)
     eps = _standard_normal((num_samples,), x, gq, generator)
@@ -233,8 +217,8 @@ def iwae_estimates(model, x, q, k, num_estimates, *, generator=None, method="str
     Vectorised: one (num_estimates, k, *batch) array of log weights, no Python loop.
     """
     x, gq = _check_inputs(model, x, q)
-    k = _check_count(k, "k")
-    num_estimates = _check_count(num_estimates, "num_estimates")
+    k = check_count(k, "k")
+    num_estimates = check_count(num_estimates, "num_estimates")
     _check_generator(generator)
     _check_method(method)
     eps = _standard_normal((num_estimates, k), x, gq, generator)
@@ -317,99 +301,5 @@ def iwae_first_order_bias(model, x, q, k) -> torch.Tensor:
     From log R = (R−1) − ½(R−1)² + O((R−1)³) with R = (1/k)Σ w_i/p(x), E R = 1 and
     Var R = χ²/k; exact as k → ∞: k (log p(x) − L_k) → χ²/2 when the moments exist.
     """
-    k = _check_count(k, "k")
+    k = check_count(k, "k")
     return chi_square_divergence(model, x, q) / (2 * k)
-
-
-# -- checking Monte Carlo means against exact ones --------------------------------------------
-
-
-class MeanEstimate(NamedTuple):
-    """A robust mean estimate; |value − true mean| ≤ radius except with the stated probability."""
-
-    value: torch.Tensor
-    radius: float
-    groups: int
-
-
-@functools.lru_cache(maxsize=64)
-def median_of_means_plan(n: int, false_alarm: float) -> tuple[int, float]:
-    """The odd group count g and radius factor 1/√(m p) (radius = factor · σ) for n draws.
-
-    The per-group Chebyshev level p and g are chosen to minimise the radius.
-
-    With m = n // g samples a group mean misses by more than σ/√(m p) with probability ≤ p
-    (Chebyshev); the median misses only if ≥ (g+1)/2 groups do: P ≤ P(Bin(g, p) ≥ (g+1)/2).
-    For each g the largest p with that tail ≤ false_alarm is found. Use it directly when the
-    group means are formed elsewhere (e.g. gradients of group-mean surrogates).
-    """
-    best = (1, false_alarm, 1 / math.sqrt(n * false_alarm))
-    # The optimum sits near g ≈ 2 log(1/false_alarm) (g = 25 at 1e-6); 301 bounds the search.
-    for g in range(3, min(n, 302), 2):
-        need = (g + 1) // 2
-
-        def tail_excess(p, g=g, need=need):
-            return stats.binom.sf(need - 1, g, p) - false_alarm
-
-        if tail_excess(0.5) <= 0:
-            p = 0.5
-        else:
-            p = optimize.brentq(tail_excess, 1e-300, 0.5, xtol=1e-15, rtol=1e-12)
-        factor = 1 / math.sqrt((n // g) * p)
-        if factor < best[2]:
-            best = (g, p, factor)
-    return best[0], best[2]
-
-
-def median_of_means(values, variance, *, false_alarm=1e-6, dim=0) -> MeanEstimate:
-    r"""Median-of-means estimate of E[values] with a distribution-free error radius.
-
-    For n i.i.d. draws with variance σ² split into g groups of m = ⌊n/g⌋, each group mean errs
-    by more than r = σ/√(m p) with probability ≤ p (Chebyshev), and the median of the g group
-    means errs by more than r only if at least (g+1)/2 groups do:
-
-    .. math::
-        P(|\hat\mu_{\mathrm{MoM}} - \mu| > r) \le P(\mathrm{Bin}(g, p) \ge (g+1)/2)
-            \le \text{false\_alarm}
-
-    g and p are chosen from n and the false-alarm probability only (never from the data), to
-    minimise r; for false_alarm = 1e-6 and large n, r ≈ 15 σ/√n. Requires only the exact
-    variance, no normal approximation. ``variance`` may be a tensor broadcasting with the
-    remaining axes; ``radius`` is then returned as a tensor.
-    """
-    if not isinstance(values, torch.Tensor):
-        raise TypeError(f"values must be a torch tensor, got {describe(values)}")
-    if not 0 < false_alarm < 1:
-        raise ValueError(f"false_alarm must lie in (0, 1), got {false_alarm!r}")
-    values = values.movedim(dim, 0)
-    n = values.shape[0]
-    groups, factor = median_of_means_plan(n, false_alarm)
-    m = n // groups
-    means = values[: groups * m].reshape(groups, m, *values.shape[1:]).mean(1)
-    std = torch.as_tensor(variance, dtype=values.dtype, device=values.device).sqrt()
-    return MeanEstimate(means.median(0).values, std * factor, groups)
-
-
-# -- exact expectations of polynomials in ε ---------------------------------------------------
-
-
-def gauss_hermite_noise(dim, order, *, dtype=torch.float64, device=None):
-    r"""Tensor-product Gauss–Hermite nodes and weights for ε ~ N(0, I_dim).
-
-    .. math::
-        \mathbb E f(\varepsilon) = \sum_j \omega_j f(\varepsilon_j)
-
-    exactly (to rounding) when f is a polynomial of degree ≤ 2·order − 1 in each coordinate.
-    Every single-sample ELBO gradient estimator here is a polynomial of degree ≤ 4 in ε, so
-    ``order = 5`` gives its exact mean and variance. Returns ``(nodes, weights)`` of shapes
-    (order**dim, dim) and (order**dim,).
-    """
-    dim = _check_count(dim, "dim")
-    order = _check_count(order, "order")
-    x, w = np.polynomial.hermite_e.hermegauss(order)
-    w = w / w.sum()  # weight function exp(−x²/2) normalised to the N(0, 1) density
-    grids = np.meshgrid(*([x] * dim), indexing="ij")
-    nodes = np.stack([g.ravel() for g in grids], -1)
-    weights = np.prod(np.stack(np.meshgrid(*([w] * dim), indexing="ij"), -1), -1).ravel()
-    options = {"dtype": dtype, "device": device}
-    return torch.as_tensor(nodes, **options), torch.as_tensor(weights, **options)

@@ -25,19 +25,18 @@ from typing import NamedTuple
 
 import torch
 
-from toyvae._checks import broadcast_batch
+from toyvae._checks import broadcast_batch, check_count
 from toyvae.bounds import _check_inputs
 from toyvae.estimators import (
     _affine,
-    _check_count,
     _check_generator,
     _check_noise,
     _standard_normal,
     _structured_log_weights,
     _whitened,
-    gauss_hermite_noise,
 )
 from toyvae.gaussians import Gaussian
+from toyvae.stats import gauss_hermite_noise
 
 __all__ = [
     "ESTIMATORS",
@@ -123,7 +122,7 @@ def elbo_surrogate(model, x, q, num_samples, *, estimator="reparameterization", 
     generator : torch.Generator, optional
     """
     x, gq = _check_inputs(model, x, q)
-    num_samples = _check_count(num_samples, "num_samples")
+    num_samples = check_count(num_samples, "num_samples")
     _check_estimator(estimator)
     _check_generator(generator)
     eps = _standard_normal((num_samples,), x, gq, generator)

@@ -41,7 +41,8 @@ from typing import NamedTuple
 import torch
 from torch.distributions import Independent, Normal
 
-from toyvae.estimators import _check_count, chi_square_divergence, iwae_estimate
+from toyvae._checks import check_count
+from toyvae.estimators import chi_square_divergence, iwae_estimate
 from toyvae.model import LinearGaussian
 
 __all__ = [
@@ -269,7 +270,7 @@ def iwae_gradient_expansion(problem: RainforthProblem, k, parameter: str) -> Gra
     E[Ūρ̄] = c_UR/k, E[Ūρ̄²] = c_URR/k², E[Ūρ̄³] = 3c_UR c_RR/k², E[Ū²] = c_UU/k,
     E[Ū²ρ̄] = c_UUR/k², E[Ū²ρ̄²] = (c_UU c_RR + 2c_UR²)/k², each + O(k⁻³).
     """
-    k = _check_count(k, "k")
+    k = check_count(k, "k")
     tilted = _tilted(problem)
     alpha, eta = _gradient_parts(tilted, parameter)
     r2, r3 = tilted.moment(2), tilted.moment(3)
@@ -362,8 +363,8 @@ def snr_log_variance(problem: RainforthProblem, k, num_replicates) -> SNRLogVari
     fourth moment at order k⁻³ are left out; on the default problem at k = 64…1024 the
     result exceeds the measured spread of the slopes by 10–35%) and O(1/n).
     """
-    k = _check_count(k, "k")
-    n = _check_count(num_replicates, "num_replicates")
+    k = check_count(k, "k")
+    n = check_count(num_replicates, "num_replicates")
     tilted = _tilted(problem)
 
     def covariances(parameter):

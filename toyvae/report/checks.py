@@ -13,7 +13,7 @@ Two kinds of tolerance:
   solve (:func:`toyvae.tolerances.posterior_condition`). Comparisons with the dense reference
   use instead the condition number its explicit inverses amplify errors by.
 - Monte Carlo checks use median-of-means radii from the EXACT variance
-  (:func:`toyvae.estimators.median_of_means`): distribution-free, with a false-alarm
+  (:func:`toyvae.stats.median_of_means`): distribution-free, with a false-alarm
   probability of at most 1e-6 per row, split evenly (Bonferroni) over the row's assertions.
 """
 
@@ -36,8 +36,6 @@ from toyvae.estimators import (
     log_weight_moments,
     log_weights,
     log_weights_at,
-    median_of_means,
-    median_of_means_plan,
 )
 from toyvae.gaussians import as_gaussian
 from toyvae.gradients import (
@@ -47,6 +45,7 @@ from toyvae.gradients import (
     gradient_estimator_moments,
 )
 from toyvae.model import LinearGaussian
+from toyvae.stats import median_of_means, median_of_means_plan
 from toyvae.tolerances import identity_tolerance, magnitude, posterior_condition
 
 __all__ = ["CHECKS", "Budget", "Row", "interpolation", "random_gaussians"]
