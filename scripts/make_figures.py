@@ -28,24 +28,12 @@ from toyvae.learning import (
     best_mean_field,
     counterexample_objectives,
     counterexample_optima,
+    data_with_spectrum,
     fit_linear_vae,
     ppca_maximum_likelihood,
 )
 
 F64 = torch.float64
-
-
-def spectrum_data(eigenvalues, n=50, seed=4):
-    """n points whose sample covariance has exactly the given eigenvalues (as in the tests)."""
-    gen = torch.Generator().manual_seed(seed)
-    d = len(eigenvalues)
-    raw = torch.randn(n, d, dtype=F64, generator=gen)
-    raw = raw - raw.mean(0)
-    cov = raw.mT @ raw / n
-    white = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), raw.mT, upper=False).mT
-    rotation, _ = torch.linalg.qr(torch.randn(d, d, dtype=F64, generator=gen))
-    scales = torch.tensor(eigenvalues, dtype=F64).sqrt()
-    return (white * scales) @ rotation.mT + torch.randn(d, dtype=F64, generator=gen)
 
 
 def counterexample(out: Path) -> None:
@@ -71,7 +59,7 @@ def counterexample(out: Path) -> None:
 
 def training(out: Path) -> None:
     eigenvalues = [9.0, 4.0, 1.0, 0.6]
-    x = spectrum_data(eigenvalues)
+    x = data_with_spectrum(eigenvalues, n=50, seed=4)
     best = ppca_maximum_likelihood(x, 2).log_evidence(x).mean().item()
     runs = {
         "exact ELBO, full encoder (L-BFGS)": fit_linear_vae(x, 2, encoder="full", steps=120),

@@ -16,6 +16,7 @@ from toyvae.learning import (
     best_mean_field,
     counterexample_objectives,
     counterexample_optima,
+    data_with_spectrum,
     fit_linear_vae,
     inference_gaps,
     ppca_maximum_likelihood,
@@ -23,20 +24,6 @@ from toyvae.learning import (
 from toyvae.tolerances import EPS
 
 F64 = torch.float64
-
-
-def spectrum_data(eigenvalues, n=100, seed=0):
-    """n points whose sample covariance has exactly the given eigenvalues (random directions)."""
-    gen = torch.Generator().manual_seed(seed)
-    d = len(eigenvalues)
-    raw = torch.randn(n, d, dtype=F64, generator=gen)
-    raw = raw - raw.mean(0)
-    # Whiten the sample exactly, then colour it: covariance U diag(λ) Uᵀ to rounding.
-    cov = raw.mT @ raw / n
-    white = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), raw.mT, upper=False).mT
-    rotation, _ = torch.linalg.qr(torch.randn(d, d, dtype=F64, generator=gen))
-    scales = torch.tensor(eigenvalues, dtype=F64).sqrt()
-    return (white * scales) @ rotation.mT + torch.randn(d, dtype=F64, generator=gen)
 
 
 def stationary_log_likelihood(eigenvalues, kept):
@@ -221,7 +208,7 @@ def test_counterexample_optima_match_the_closed_forms():
 
 def test_ppca_maximum_likelihood_matches_scikit_learn():
     """σ² and WWᵀ + σ²I agree with sklearn's PCA (which divides by N − 1 instead of N)."""
-    x = spectrum_data([9.0, 4.0, 1.0, 0.6, 0.4], n=60, seed=1)
+    x = data_with_spectrum([9.0, 4.0, 1.0, 0.6, 0.4], n=60, seed=1)
     n = x.shape[0]
     model = ppca_maximum_likelihood(x, 2)
     pca = PCA(n_components=2).fit(x.numpy())
@@ -237,7 +224,7 @@ def test_ppca_maximum_likelihood_matches_scikit_learn():
 def test_ppca_maximum_likelihood_is_the_best_stationary_point():
     """log p(x) at the ML solution is Tipping & Bishop's, above every other stationary point's."""
     eigenvalues = [9.0, 4.0, 1.0, 0.6, 0.4]
-    x = spectrum_data(eigenvalues, n=60, seed=1)
+    x = data_with_spectrum(eigenvalues, n=60, seed=1)
     model = ppca_maximum_likelihood(x, 2)
     value = model.log_evidence(x).mean().item()
     expected, saddle = ml_and_nearest_saddle(eigenvalues, 2)
@@ -249,7 +236,7 @@ def test_ppca_maximum_likelihood_is_the_best_stationary_point():
 def test_rotation_leaves_likelihood_but_costs_the_mean_field_elbo_an_exact_gap():
     """W R keeps log p(x); the best mean-field ELBO drops by ½ log((ac²+bs²)(bc²+as²)/ab)."""
     eigenvalues = [9.0, 4.0, 1.0, 0.6]
-    x = spectrum_data(eigenvalues, n=50, seed=2)
+    x = data_with_spectrum(eigenvalues, n=50, seed=2)
     model = ppca_maximum_likelihood(x, 2)
     sigma2 = model.noise_variance.item()
     a, b = eigenvalues[0] / sigma2, eigenvalues[1] / sigma2  # Λ = I + WᵀW/σ² = diag(λ_i/σ²)
@@ -272,7 +259,7 @@ def test_rotation_leaves_likelihood_but_costs_the_mean_field_elbo_an_exact_gap()
 def test_posterior_collapse_for_eigenvalues_below_a_fixed_noise_variance():
     """With σ² fixed above λ_2, W's second column is zero and q(z₂|x) is the prior for every x."""
     eigenvalues = [9.0, 1.0, 0.8, 0.5]
-    x = spectrum_data(eigenvalues, n=50, seed=3)
+    x = data_with_spectrum(eigenvalues, n=50, seed=3)
     model = ppca_maximum_likelihood(x, 2, noise_variance=1.5)
     norms = model.weight.norm(dim=0)
     assert norms[1].item() == 0.0  # clamp(λ₂ − σ², 0) is exactly zero
@@ -305,7 +292,7 @@ def test_bad_arguments_are_named():
 def test_exact_elbo_ascent_converges_to_the_ppca_maximum_likelihood(encoder):
     """L-BFGS on the exact ELBO reaches the ML log-likelihood with a vanishing KL gap."""
     eigenvalues = [9.0, 4.0, 1.0, 0.6]
-    x = spectrum_data(eigenvalues, n=50, seed=4)
+    x = data_with_spectrum(eigenvalues, n=50, seed=4)
     best, saddle = ml_and_nearest_saddle(eigenvalues, 2)
     fit = fit_linear_vae(x, 2, encoder=encoder, steps=120)
     history = fit.history
@@ -329,7 +316,7 @@ def test_exact_elbo_ascent_converges_to_the_ppca_maximum_likelihood(encoder):
 def test_single_sample_training_ends_in_the_ml_basin():
     """Adam on the single-sample ELBO estimator ends nearer ℓ_ML than any other stationary point."""
     eigenvalues = [9.0, 4.0, 1.0, 0.6]
-    x = spectrum_data(eigenvalues, n=50, seed=4)
+    x = data_with_spectrum(eigenvalues, n=50, seed=4)
     best, saddle = ml_and_nearest_saddle(eigenvalues, 2)
     fit = fit_linear_vae(x, 2, objective="single_sample", steps=600, learning_rate=0.05, seed=0)
     final = fit.history.elbo[-1]
@@ -343,7 +330,7 @@ def test_single_sample_training_ends_in_the_ml_basin():
 
 def test_training_is_deterministic_and_quiet_by_default(capsys):
     """Two runs with one seed give identical histories; no progress bar when not on a terminal."""
-    x = spectrum_data([4.0, 1.0, 0.5], n=20, seed=5)
+    x = data_with_spectrum([4.0, 1.0, 0.5], n=20, seed=5)
     one = fit_linear_vae(x, 1, objective="single_sample", steps=5, seed=7)
     two = fit_linear_vae(x, 1, objective="single_sample", steps=5, seed=7)
     assert np.array_equal(one.history.elbo, two.history.elbo)

@@ -32,26 +32,15 @@ import pytest
 import torch
 from scipy.linalg import solve_triangular
 from scipy.stats import multivariate_normal
+
+# The error-growth factors m and their derivation live with the high-precision tests.
+from test_high_precision import EPS, LOG_2PI, kl_growth, model_growth
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 import toyvae
 from toyvae import LinearGaussian
 from toyvae import reference as ref
 
-EPS = float(np.finfo(np.float64).eps)
-
-
-def model_growth(d: int, k: int) -> int:
-    """m for the model quantities (module docstring)."""
-    return 6 * d + 7 * k + k * k + 6
-
-
-def kl_growth(k: int) -> int:
-    """m for a KL, or an entropy, of given Gaussians (module docstring)."""
-    return k * k + 5 * k + 5
-
-
-LOG_2PI = math.log(2 * math.pi)
 NUM_POINTS = 4
 
 

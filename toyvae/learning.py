@@ -41,6 +41,7 @@ __all__ = [
     "counterexample_model",
     "counterexample_objectives",
     "counterexample_optima",
+    "data_with_spectrum",
     "fit_linear_vae",
     "inference_gaps",
     "ppca_maximum_likelihood",
@@ -196,6 +197,24 @@ def _check_latent_dim(latent_dim, data_dim: int) -> int:
             f"latent_dim must be in [1, D − 1] = [1, {data_dim - 1}], got {latent_dim}"
         )
     return latent_dim
+
+
+def data_with_spectrum(eigenvalues, n: int = 100, seed: int = 0) -> torch.Tensor:
+    """n float64 points whose sample covariance has exactly the given eigenvalues.
+
+    Standard-normal draws are whitened exactly (by the Cholesky factor of their sample
+    covariance), scaled by √λ, rotated by a random orthogonal matrix and shifted by a random
+    mean, so that the PPCA maximum-likelihood solution is known in closed form.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    d = len(eigenvalues)
+    raw = torch.randn(n, d, dtype=torch.float64, generator=gen)
+    raw = raw - raw.mean(0)
+    cov = raw.mT @ raw / n
+    white = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), raw.mT, upper=False).mT
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=gen))
+    scales = torch.tensor(eigenvalues, dtype=torch.float64).sqrt()
+    return (white * scales) @ rotation.mT + torch.randn(d, dtype=torch.float64, generator=gen)
 
 
 def ppca_maximum_likelihood(x, latent_dim: int, *, noise_variance=None) -> LinearGaussian:
