@@ -7,11 +7,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.distributions import MultivariateNormal
 
+import toyvae
 import toyvae.report.checks as checks
 import toyvae.report.cli as cli
 from toyvae import LinearGaussian
 from toyvae.estimators import log_weights_at
+from toyvae.learning import CounterexampleObjectives, counterexample_objectives
 from toyvae.report.models import builtin_models
 from toyvae.stats import gauss_hermite_noise
 
@@ -28,6 +31,18 @@ PROPERTIES = [
     "IWAE monotone in k",
     "IWAE: E exp(IWAE_k) = p(x)",
     "gradient estimators unbiased",
+    "aggregate posterior (= prior if matched)",
+    "ELBO surgery",
+    "joint KL = −E ELBO − H[q(x)]",
+    "Fisher: ∇θ ELBO = ∇θ log p(x)",
+]
+
+# The classic questions on fixed problems, in their own section of the table.
+PROBLEM_PROPERTIES = [
+    "counterexample: optima = closed forms",
+    "counterexample: ELBO ascent lowers log p",
+    "PPCA: ML is stationary (∇ log p = 0)",
+    "PPCA: exact ELBO attains log p at ML",
 ]
 
 # Small samples keep each run to a few seconds; every random row still has false-alarm
@@ -65,9 +80,11 @@ def test_quick_run_passes_and_writes_every_output(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["report", "--quick", "--seed", "3", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    for prop in PROPERTIES:
+    for prop in PROPERTIES + PROBLEM_PROPERTIES:
         assert prop in stdout
     assert "ppca" in stdout and "All " in stdout
+    # The fixed problems come after every model, under their own heading.
+    assert stdout.index("Classic questions on fixed problems") > stdout.index(PROPERTIES[-1])
 
     document = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert document["passed"] is True and document["failures"] == []
@@ -75,9 +92,12 @@ def test_quick_run_passes_and_writes_every_output(tiny, tmp_path, capsys):
     (model,) = document["models"]
     assert [row["property"] for row in model["rows"]] == PROPERTIES
     assert {row["result"] for row in model["rows"]} <= {"pass", "skip"}
+    (problems,) = document["problems"]
+    assert [row["property"] for row in problems["rows"]] == PROBLEM_PROPERTIES
+    assert {row["result"] for row in problems["rows"]} == {"pass"}
 
     report = (out / "report.md").read_text(encoding="utf-8")
-    for prop in PROPERTIES:
+    for prop in PROPERTIES + PROBLEM_PROPERTIES:
         assert f"| {prop} |" in report
     for name in ("interpolation.png", "iwae.png", "variances.png"):
         data = (out / name).read_bytes()
@@ -89,10 +109,96 @@ def test_a_broken_property_exits_1_and_is_named(tiny, monkeypatch, capsys):
     exact = checks.elbo
     monkeypatch.setattr(checks, "elbo", lambda model, x, q: exact(model, x, q) + 1e-3)
     monkeypatch.setattr(checks, "CHECKS", (checks.check_identity, checks.check_bayes_rule))
+    monkeypatch.setattr(checks, "PROBLEMS", ())
     assert cli.main(["report", "--quick"]) == 1
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("FAILED: 1 of 2 checks")
     assert "ppca: log p(x) = ELBO + KL" in summary and "Bayes" not in summary
+
+
+def _without_encoder_covariance(encoder, data):
+    """The aggregate covariance VCVᵀ, forgetting the encoder's own S."""
+    agg = AGGREGATE(encoder, data)
+    cov = agg.covariance_matrix - encoder.scale_tril @ encoder.scale_tril.mT
+    return MultivariateNormal(agg.loc, covariance_matrix=cov)
+
+
+def _unbiased_ppca(x, latent_dim):
+    """PPCA with σ² from the N − 1 covariance (scikit-learn's convention), not the ML one."""
+    model = PPCA(x, latent_dim)
+    n = x.shape[0]
+    return LinearGaussian(model.weight, model.bias, model.noise_variance * n / (n - 1))
+
+
+AGGREGATE, SURGERY, JOINT_KL, ELBO, PPCA = (
+    checks.aggregate_posterior,
+    checks.elbo_surgery,
+    checks.joint_kl,
+    checks.elbo,
+    checks.ppca_maximum_likelihood,
+)
+
+# Realistic mistakes, one per classic row: (the row, the name in checks, its broken stand-in).
+BROKEN = {
+    "aggregate covariance without S": (
+        "ppca: aggregate posterior (= prior if matched)",
+        "aggregate_posterior",
+        _without_encoder_covariance,
+    ),
+    "mutual information doubled": (
+        "ppca: ELBO surgery",
+        "elbo_surgery",
+        lambda e, d: SURGERY(e, d)._replace(mutual_information=2 * SURGERY(e, d)[1]),
+    ),
+    "joint KL without the entropy": (
+        "ppca: joint KL = −E ELBO − H[q(x)]",
+        "joint_kl",
+        lambda m, e, d: JOINT_KL(m, e, d) + toyvae.entropy(d),
+    ),
+    "ELBO with a stray weight decay": (
+        "ppca: Fisher: ∇θ ELBO = ∇θ log p(x)",
+        "elbo",
+        lambda m, x, q: ELBO(m, x, q) - 1e-6 * m.weight.square().sum(),
+    ),
+    "mean-field ELBO taken at the exact posterior": (
+        "fixed-problems: counterexample: ELBO ascent lowers log p",
+        "counterexample_objectives",
+        lambda w, s: CounterexampleObjectives(*[counterexample_objectives(w, s)[0]] * 2),
+    ),
+    "PPCA noise from the N − 1 covariance": (
+        "fixed-problems: PPCA: ML is stationary (∇ log p = 0)",
+        "ppca_maximum_likelihood",
+        _unbiased_ppca,
+    ),
+}
+ROWS = {
+    "ppca: aggregate posterior (= prior if matched)": ("CHECKS", checks.check_aggregate_prior),
+    "ppca: ELBO surgery": ("CHECKS", checks.check_elbo_surgery),
+    "ppca: joint KL = −E ELBO − H[q(x)]": ("CHECKS", checks.check_joint_kl),
+    "ppca: Fisher: ∇θ ELBO = ∇θ log p(x)": ("CHECKS", checks.check_fisher),
+    "fixed-problems: counterexample: ELBO ascent lowers log p": (
+        "PROBLEMS",
+        checks.problem_counterexample_ascent,
+    ),
+    "fixed-problems: PPCA: ML is stationary (∇ log p = 0)": (
+        "PROBLEMS",
+        checks.problem_ppca_stationary,
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", BROKEN, ids=list(BROKEN))
+def test_a_broken_classic_property_fails_its_row(mistake, tiny, monkeypatch, capsys):
+    """Each classic row catches a realistic mistake in what it checks: exit 1, the row named."""
+    row, name, broken = BROKEN[mistake]
+    monkeypatch.setattr(checks, name, broken)
+    # Only the row under test runs, so the summary can name exactly one failure.
+    group, check = ROWS[row]
+    monkeypatch.setattr(checks, "CHECKS", (check,) if group == "CHECKS" else ())
+    monkeypatch.setattr(checks, "PROBLEMS", (check,) if group == "PROBLEMS" else ())
+    assert cli.main(["report", "--quick"]) == 1
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary == f"FAILED: 1 of 1 checks: {row}"
 
 
 def test_model_file_with_data(tiny, tmp_path, capsys):

@@ -28,6 +28,13 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from toyvae import reference
+from toyvae.aggregate import (
+    LinearGaussianEncoder,
+    aggregate_kl_to_prior,
+    aggregate_posterior,
+    elbo_surgery,
+    joint_kl,
+)
 from toyvae.bounds import elbo, kl_to_posterior, kl_to_prior
 from toyvae.estimators import (
     _whitened,
@@ -37,18 +44,23 @@ from toyvae.estimators import (
     log_weights,
     log_weights_at,
 )
-from toyvae.gaussians import as_gaussian
+from toyvae.gaussians import as_gaussian, gaussian_kl
 from toyvae.gradients import (
     ESTIMATORS,
     elbo_surrogate,
     gradient_draws,
     gradient_estimator_moments,
 )
+from toyvae.learning import (
+    counterexample_objectives,
+    counterexample_optima,
+    ppca_maximum_likelihood,
+)
 from toyvae.model import LinearGaussian
 from toyvae.stats import median_of_means, median_of_means_plan
-from toyvae.tolerances import identity_tolerance, magnitude, posterior_condition
+from toyvae.tolerances import EPS, identity_tolerance, magnitude, posterior_condition
 
-__all__ = ["CHECKS", "Budget", "Row", "interpolation", "random_gaussians"]
+__all__ = ["CHECKS", "PROBLEMS", "Budget", "Row", "interpolation", "random_gaussians"]
 
 FALSE_ALARM = 1e-6  # per row
 _IDENTITY = "κ(S)·4(D+K)·eps·M: M = Σ|terms| (n-term sums), κ(S) for solves with posterior S"
@@ -479,6 +491,244 @@ def check_gradients(model, x, generator, *, budget=None) -> Row:
     return _worst("gradient estimators unbiased", torch.cat(errors), torch.cat(tols), reason)
 
 
+# -- the classic questions, on each model ------------------------------------------------------
+
+
+class _Classic(NamedTuple):
+    """Gaussian data q(x) = N(b + L_C δ, L_C diag(d²) L_Cᵀ), C = L_C L_Cᵀ = WWᵀ + Ψ, and encoders.
+
+    ``data[0]`` is the model's own marginal (δ = 0, d = 1), ``data[1]`` a misspecified one
+    (‖δ‖ ≈ 1, d log-uniform in [1/√2, √2]); ``encoders`` are the exact posterior and one off it.
+    """
+
+    data: list[MultivariateNormal]
+    shifts: list[torch.Tensor]  # δ
+    stretches: list[torch.Tensor]  # d
+    encoders: list[LinearGaussianEncoder]
+
+    def pairs(self):
+        """(encoder, data, δ, d) for every encoder and data distribution."""
+        for encoder in self.encoders:
+            for data, shift, stretch in zip(self.data, self.shifts, self.stretches, strict=True):
+                yield encoder, data, shift, stretch
+
+
+def _classic(model: LinearGaussian, generator: torch.Generator) -> _Classic:
+    d, k = model.data_dim, model.latent_dim
+    options = _options(model)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, **options)
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=generator, **options)
+
+    # One Cholesky factor of C serves both data distributions, so L_C⁻¹ of either is exact.
+    tril = torch.linalg.cholesky(model.marginal().covariance_matrix)
+    shifts = [torch.zeros(d, **options), randn(d) / math.sqrt(d)]
+    stretches = [torch.ones(d, **options), 2 ** (uniform(d) - 0.5)]
+    data = [
+        MultivariateNormal(model.bias + tril @ shift, scale_tril=tril * stretch)
+        for shift, stretch in zip(shifts, stretches, strict=True)
+    ]
+    exact = LinearGaussianEncoder.exact_posterior(model)
+    factor = torch.tril(0.3 * randn(k, k), -1) + torch.diag(2 ** (2 * uniform(k) - 1))
+    off = LinearGaussianEncoder(
+        exact.weight * (1 + 0.2 * randn(k, d)),
+        exact.bias + 0.1 * randn(k),
+        exact.scale_tril @ factor,
+    )
+    return _Classic(data, shifts, stretches, [exact, off])
+
+
+def _kappa_marginal(model: LinearGaussian) -> float:
+    """A bound on κ(C), C = WWᵀ + Ψ: λmin(C) ≥ λmin(Ψ), λmax(C) ≤ ‖W‖² + λmax(Ψ); also ≥ κ(Ψ)."""
+    psi = _noise_eigenvalues(model)
+    top = float(torch.linalg.matrix_norm(model.weight.detach(), 2) ** 2)
+    return (top + float(psi.max())) / float(psi.min())
+
+
+def _unit(model: LinearGaussian) -> float:
+    """4(D + K)·eps: rounding of up to four (D + K)-term sums, per unit of Σ|terms|."""
+    return 4 * (model.data_dim + model.latent_dim) * torch.finfo(model.weight.dtype).eps
+
+
+def _gaussian_kl_tolerance(mean, cov, mean_tol, cov_tol, unit) -> torch.Tensor:
+    """How far KL(N(μ̂, Â) ‖ N(0, I)) may be from KL(N(μ, A) ‖ N(0, I)) if |μ̂ − μ| ≤ mean_tol and
+    |Â − A| ≤ cov_tol entrywise: first order ½‖I − A⁻¹‖_F·K·cov_tol + ‖μ‖·√K·mean_tol, second
+    order ¼(‖A⁻¹‖·K·cov_tol)² + ½K·mean_tol², plus ``unit``·Σ|terms| for the rounding of each.
+    """
+    k = mean.shape[-1]
+    inverse = torch.linalg.inv(cov)
+    eye = torch.eye(k, dtype=cov.dtype, device=cov.device)
+    first = 0.5 * torch.linalg.matrix_norm(eye - inverse) * k * cov_tol
+    first = first + mean.norm() * math.sqrt(k) * mean_tol
+    second = (
+        0.25 * (torch.linalg.matrix_norm(inverse, 2) * k * cov_tol) ** 2 + 0.5 * k * mean_tol**2
+    )
+    terms = cov.trace() + mean.square().sum() + k + torch.logdet(cov).abs()
+    return first + second + 2 * unit * terms
+
+
+def check_aggregate_prior(model, x, generator, *, budget=None) -> Row:
+    """Data from the model and the exact-posterior encoder: the aggregate posterior is N(0, I).
+
+    Misspecified data N(b + L_C δ, L_C diag(d²) L_Cᵀ) move it by the exact amount: since
+    V C Vᵀ + Σ = I (docs/prior-vs-aggregate.md, A2), q(z) = N(Pδ, I + P diag(d² − 1) Pᵀ) with
+    P = V L_C. Means, covariances and KL(q(z) ‖ p(z)) against these.
+    """
+    setup = _classic(model, generator)
+    exact = setup.encoders[0]
+    k = model.latent_dim
+    eye = torch.eye(k, **_options(model))
+    v, s = exact.weight, exact.scale_tril
+    p = v @ setup.data[0].scale_tril
+    unit, kappa = _unit(model), posterior_condition(model) ** 2
+    errors, tols = [], []
+    for data, shift, stretch in zip(setup.data, setup.shifts, setup.stretches, strict=True):
+        squares = stretch.square()
+        mean, cov = p @ shift, eye + (p * (squares - 1)) @ p.mT
+        agg = aggregate_posterior(exact, data)
+        # Covariance: V carries Λ's Cholesky backward error times κ(Λ) (V = ΣWᵀΨ⁻¹, and
+        # Σ = (Λ + δΛ)⁻¹ gives VCVᵀ + Σ − I ≈ Λ⁻¹δΛ), on top of sums of the terms |P||P|ᵀ.
+        cov_scale = (p.abs() * squares.clamp_min(1)) @ p.abs().mT + s.abs() @ s.abs().mT
+        cov_tol = kappa * unit * (cov_scale.max() + 1)
+        # Mean: V(b + L_C δ) − Vb, one product each; no solve, so no κ.
+        mean_scale = v.abs() @ (model.bias.abs() + setup.data[0].scale_tril.abs() @ shift.abs())
+        mean_tol = unit * mean_scale.max()
+        exact_kl = gaussian_kl(MultivariateNormal(mean, cov), model.prior())
+        errors += [
+            (agg.covariance_matrix - cov).abs().max(),
+            (agg.loc - mean).abs().max(),
+            (aggregate_kl_to_prior(exact, data) - exact_kl).abs(),
+        ]
+        tols += [cov_tol, mean_tol, _gaussian_kl_tolerance(mean, cov, mean_tol, cov_tol, unit)]
+    reason = "κ(Λ)·4(D+K)·eps·Σ|terms| (covariance; Λ's backward error ×κ(Λ)), 4(D+K)·eps (mean)"
+    return _worst(
+        "aggregate posterior (= prior if matched)", torch.stack(errors), torch.stack(tols), reason
+    )
+
+
+def check_elbo_surgery(model, x, generator, *, budget=None) -> Row:
+    """ELBO surgery E KL(q(z|x) ‖ p(z)) = I(x; z) + KL(q(z) ‖ p(z)), Gaussian data, exactly.
+
+    For data from the model and misspecified data, with the exact-posterior encoder and one off
+    it; the three terms are computed separately (:func:`toyvae.aggregate.elbo_surgery`).
+    """
+    setup = _classic(model, generator)
+    unit = _unit(model)
+    errors, tols = [], []
+    for encoder, data, _, _ in setup.pairs():
+        surgery = elbo_surgery(encoder, data)
+        errors.append((surgery.average_kl - surgery.mutual_information - surgery.marginal_kl).abs())
+        # M: tr S, ‖Vm + c‖², K and |log det S| (average KL); ‖V L_C‖², tr A and log det A of
+        # the aggregate covariance A (twice: mutual information and marginal KL).
+        encoder_cov = encoder.scale_tril @ encoder.scale_tril.mT
+        spread = encoder.weight @ data.scale_tril
+        aggregate_cov = spread @ spread.mT + encoder_cov
+        mean = encoder.weight @ data.loc + encoder.bias
+        terms = (
+            encoder_cov.trace()
+            + mean.square().sum()
+            + model.latent_dim
+            + torch.logdet(encoder_cov).abs()
+            + spread.square().sum()
+            + aggregate_cov.trace()
+            + 2 * torch.logdet(aggregate_cov).abs()
+        )
+        tols.append(unit * terms)
+    reason = "4(D+K)·eps·M: M = Σ|terms| of the three; log det of the aggregate enters twice"
+    return _worst("ELBO surgery", torch.stack(errors), torch.stack(tols), reason)
+
+
+def _sigma_points(data: MultivariateNormal) -> torch.Tensor:
+    """The 2D points m ± √D L e_i: their mean is m and their covariance L Lᵀ, exactly, so the
+    average of a quadratic in x over them is its expectation under N(m, L Lᵀ)."""
+    offsets = math.sqrt(data.loc.shape[-1]) * data.scale_tril.mT  # rows √D L e_i
+    return torch.cat([data.loc + offsets, data.loc - offsets])
+
+
+def check_joint_kl(model, x, generator, *, budget=None) -> Row:
+    """KL(q(x, z) ‖ p(x, z)) = −E_{q(x)} ELBO − H[q(x)] equals the chain rule's
+    KL(q(x) ‖ p(x)) + E_{q(x)} KL(q(z|x) ‖ p(z|x)), for model-matched and misspecified data.
+
+    The left side is :func:`toyvae.aggregate.joint_kl`; the right side uses
+    :func:`toyvae.gaussian_kl` and :func:`toyvae.kl_to_posterior` averaged over sigma points
+    (exact: the KL to the posterior is a quadratic in x).
+    """
+    setup = _classic(model, generator)
+    marginal = setup.data[0]
+    d = model.data_dim
+    # Solves against L_C (κ(L_C) = √κ(C)) and against the posterior factor S.
+    kappa = max(posterior_condition(model), math.sqrt(_kappa_marginal(model)))
+    unit = _unit(model)
+    errors, tols = [], []
+    for encoder, data, shift, stretch in setup.pairs():
+        # 2D points of size D: in blocks, so memory stays O(D²) for a user's large D.
+        inference, point_terms = 0.0, 0.0
+        for points in _sigma_points(data).split(256):
+            qs = encoder(points)
+            inference = inference + kl_to_posterior(model, points, qs).sum() / (2 * d)
+            point_terms = point_terms + magnitude(model, points, qs).sum() / (2 * d)
+        chain = gaussian_kl(data, marginal) + inference
+        errors.append((joint_kl(model, encoder, data) - chain).abs())
+        # M: the terms of ELBO and KL(q ‖ p(z|x)) at the sigma points (their average is that of
+        # −E ELBO), of H[q(x)], and of KL(q(x) ‖ p(x)), where L_C⁻¹L_q = diag(d) and
+        # L_C⁻¹(m_q − b) = δ by construction.
+        log_det_data = data.scale_tril.diagonal().log().sum().abs() * 2
+        log_det_marginal = marginal.scale_tril.diagonal().log().sum().abs() * 2
+        terms = (
+            point_terms
+            + d * (1 + math.log(2 * math.pi))
+            + 2 * log_det_data
+            + stretch.square().sum()
+            + shift.square().sum()
+            + d
+            + log_det_marginal
+        )
+        tols.append(kappa * unit * terms)
+    reason = "max(κ(S), κ(L_C))·4(D+K)·eps·M: M = Σ|terms| of both sides, solves against S, L_C"
+    return _worst("joint KL = −E ELBO − H[q(x)]", torch.stack(errors), torch.stack(tols), reason)
+
+
+def check_fisher(model, x, generator, *, budget=None) -> Row:
+    """Fisher's identity: with q held at p_θ(z|x), ∇_θ ELBO(θ, q) = ∇_θ log p_θ(x) for W, b, Ψ.
+
+    Autograd of both sides, per data point; the error is that of their sums over the points.
+    """
+    leaves = [
+        t.detach().clone().requires_grad_(True)
+        for t in (model.weight, model.bias, model.noise_variance)
+    ]
+    copy = LinearGaussian(*leaves)
+    with torch.no_grad():
+        post = copy.posterior(x)  # held fixed: no gradient flows into q
+    by_elbo = [torch.zeros_like(t) for t in leaves]
+    by_evidence = [torch.zeros_like(t) for t in leaves]
+    sizes = [torch.zeros_like(t) for t in leaves]
+    for n in range(x.shape[0]):
+        q = MultivariateNormal(post.loc[n], scale_tril=post.scale_tril[n])
+        g_elbo = torch.autograd.grad(elbo(copy, x[n], q), leaves)
+        g_evidence = torch.autograd.grad(copy.log_evidence(x[n]), leaves)
+        for total_e, total_p, size, a, b in zip(
+            by_elbo, by_evidence, sizes, g_elbo, g_evidence, strict=True
+        ):
+            total_e += a
+            total_p += b
+            size += a.abs() + b.abs()
+    # Backward passes round like the forward sums, relative to the per-point gradients' sizes.
+    # The ELBO side uses q's Σ = SSᵀ where log p's backward pass reaches Λ⁻¹ through the
+    # Cholesky factor: the two differ by Λ's backward error times κ(Λ) = κ(S)² (measured on the
+    # ill-conditioned model: κ(S) alone is exceeded 5 times).
+    scale = posterior_condition(model) ** 2 * _unit(model)
+    errors = torch.cat(
+        [(a - b).abs().reshape(-1) for a, b in zip(by_elbo, by_evidence, strict=True)]
+    )
+    tols = torch.cat([scale * size.reshape(-1) for size in sizes])
+    reason = "κ(Λ)·4(D+K)·eps·Σ_n(|∇ELBO_n| + |∇log p(x_n)|), entrywise for W, b, Ψ"
+    return _worst("Fisher: ∇θ ELBO = ∇θ log p(x)", errors, tols, reason)
+
+
 CHECKS = (
     check_identity,
     check_tightness,
@@ -491,6 +741,156 @@ CHECKS = (
     check_iwae_monotone,
     check_iwae_evidence,
     check_gradients,
+    check_aggregate_prior,
+    check_elbo_surgery,
+    check_joint_kl,
+    check_fisher,
+)
+
+
+# -- the classic questions, on fixed problems ----------------------------------------------------
+#
+# Each has the signature ``problem(*, budget) -> Row`` and no randomness: the same in every run.
+
+_SECOND_MOMENT = 3.0  # E[x²] of the counterexample's data
+
+
+def _counterexample_curvature(u: float, s: float, elbo_side: bool) -> float:
+    """|f''(w)| at a maximiser u = w² of f = −½ g(w²): f'' = −2u·g''(u) where g'(u) = 0.
+
+    g(u) = log(1 + 2u) + s/(1 + 2u) for E log p, and 2 log(1 + u) + s/(1 + 2u) for the ELBO.
+    """
+    first = -2 / (1 + u) ** 2 if elbo_side else -4 / (1 + 2 * u) ** 2
+    return abs(2 * u * (first + 8 * s / (1 + 2 * u) ** 3))
+
+
+def problem_counterexample_optima(*, budget=None) -> Row:
+    """x = w(z₁ + z₂) + ε, E[x²] = 3: the numeric maximisers of E log p_w(x) and of the best
+    mean-field ELBO are the closed forms w = 1 and w = √((√33 − 1)/8) ≈ 0.770.
+
+    A maximiser of f is located only to within √(2δ/|f''|), δ = 16·eps·3 the rounding of f (a
+    handful of terms of size ≤ 3), plus Brent's own xatol = 1e-12; f'' in closed form.
+    """
+    s = _SECOND_MOMENT
+    found = counterexample_optima(s)
+    eps = torch.finfo(torch.float64).eps
+    errors, tols = [], []
+    for value, u, elbo_side in [
+        (found.maximum_likelihood, (s - 1) / 2, False),
+        (found.maximum_elbo, (s - 4 + math.sqrt(s * s + 8 * s)) / 8, True),
+    ]:
+        errors.append(abs(value - math.sqrt(u)))
+        curvature = _counterexample_curvature(u, s, elbo_side)
+        tols.append(math.sqrt(2 * 16 * eps * s / curvature) + 1e-12)
+    reason = "√(2δ/|f''|) + xatol: f is flat to second order at its maximum, δ = 16·eps·3"
+    return _worst("counterexample: optima = closed forms", errors, tols, reason)
+
+
+def problem_counterexample_ascent(*, budget=None) -> Row:
+    """From w_ML = 1 to w_ELBO, where ELBO ascent ends, the ELBO rises and log p(x) falls.
+
+    Both objectives at both optima against their closed forms (L2) and (L4); then the rise of
+    the ELBO and the fall of E log p, each as a violation max(0, −change).
+    """
+    s = _SECOND_MOMENT
+    eps = torch.finfo(torch.float64).eps
+    # Sums of a handful of terms of size ≤ s, through 2×2 factorisations: 64·eps·s each.
+    tol = 64 * eps * s
+    errors, values = [], []
+    for u in ((s - 1) / 2, (s - 4 + math.sqrt(s * s + 8 * s)) / 8):
+        objectives = counterexample_objectives(math.sqrt(u), s)
+        log_p = -0.5 * (math.log(2 * math.pi) + math.log(1 + 2 * u) + s / (1 + 2 * u))
+        bound = -0.5 * (math.log(2 * math.pi) + 2 * math.log(1 + u) + s / (1 + 2 * u))
+        errors += [
+            abs(objectives.log_likelihood.item() - log_p),
+            abs(objectives.elbo.item() - bound),
+        ]
+        values.append(objectives)
+    at_ml, at_elbo = values
+    rise = (at_elbo.elbo - at_ml.elbo).item()
+    fall = (at_ml.log_likelihood - at_elbo.log_likelihood).item()
+    errors += [max(0.0, -rise), max(0.0, -fall)]
+    reason = "64·eps·3: a few terms ≤ 3 via 2×2 factors; direction: error = max(0, −change)"
+    return _worst("counterexample: ELBO ascent lowers log p", errors, [tol] * len(errors), reason)
+
+
+def _ppca_problem() -> tuple[torch.Tensor, int]:
+    """200 points from a PPCA model, D = 10, K = 3 (W's columns of scale 3, 2, 1, σ² = 0.5)."""
+    generator = torch.Generator().manual_seed(20240601)
+    d, k, n = 10, 3, 200
+    weight = torch.randn(d, k, dtype=torch.float64, generator=generator)
+    weight = weight * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    model = LinearGaussian(weight, torch.randn(d, dtype=torch.float64, generator=generator), 0.5)
+    return model.sample((n,), generator=generator)[0], k
+
+
+def _sample_covariance(x: torch.Tensor) -> torch.Tensor:
+    centred = x - x.mean(0)
+    return centred.mT @ centred / x.shape[0]
+
+
+def problem_ppca_stationary(*, budget=None) -> Row:
+    """Tipping & Bishop's closed-form PPCA solution is a stationary point of the mean log p(x).
+
+    The gradient in W, b and σ² (autograd) is the difference of ∇½ log det C and
+    ∇½ mean (x − b)ᵀC⁻¹(x − b); each entry is held to κ(C)·4(D+K)·eps times the sum of the two
+    terms' absolute values, computed densely.
+    """
+    x, k = _ppca_problem()
+    fitted = ppca_maximum_likelihood(x, k)
+    leaves = [
+        t.detach().clone().requires_grad_(True)
+        for t in (fitted.weight, fitted.bias, fitted.noise_variance)
+    ]
+    gradients = torch.autograd.grad(LinearGaussian(*leaves).log_evidence(x).mean(), leaves)
+    weight, bias, noise = (t.detach() for t in leaves)
+    d = x.shape[-1]
+    cov = weight @ weight.mT + noise * torch.eye(d, dtype=x.dtype)
+    inverse = torch.linalg.inv(cov)
+    residual = (x - bias).mT  # (D, N)
+    solved = inverse @ residual  # y_n = C⁻¹(x_n − b)
+    n = x.shape[0]
+    # Term sizes: ∇_W: C⁻¹W and mean y_n y_nᵀW; ∇_b: mean y_n; ∇_σ²: ½ tr C⁻¹ and ½ mean ‖y_n‖².
+    sizes = [
+        inverse.abs() @ weight.abs() + solved.abs() @ (solved.abs().mT @ weight.abs()) / n,
+        (inverse.abs() @ residual.abs()).mean(1),
+        0.5 * (inverse.diagonal().abs().sum() + solved.square().sum(0).mean()),
+    ]
+    eigenvalues = torch.linalg.eigvalsh(cov)
+    scale = float(eigenvalues.max() / eigenvalues.min()) * 4 * (d + k) * EPS
+    errors = torch.cat([g.abs().reshape(-1) for g in gradients])
+    tols = torch.cat([(scale * size).reshape(-1) for size in sizes])
+    reason = "κ(C)·4(D+K)·eps·Σ|terms| of ∇½log det C and ∇½(x−b)ᵀC⁻¹(x−b), entrywise"
+    return _worst("PPCA: ML is stationary (∇ log p = 0)", errors, tols, reason)
+
+
+def problem_ppca_elbo(*, budget=None) -> Row:
+    """At the PPCA ML solution, the ELBO of the exact-posterior encoder and log p(x) both equal
+    the closed form −½[D log 2π + Σ_{i≤K} log λ_i + (D − K) log σ² + D] (mean over the data).
+    """
+    x, k = _ppca_problem()
+    fitted = ppca_maximum_likelihood(x, k)
+    d = x.shape[-1]
+    eigenvalues = torch.linalg.eigvalsh(_sample_covariance(x)).flip(0)
+    sigma2 = eigenvalues[k:].mean()
+    closed = -0.5 * (
+        d * math.log(2 * math.pi) + eigenvalues[:k].log().sum() + (d - k) * sigma2.log() + d
+    )
+    q = LinearGaussianEncoder.exact_posterior(fitted)(x)
+    values = [elbo(fitted, x, q).mean(), fitted.log_evidence(x).mean()]
+    errors = torch.stack([(v - closed).abs() for v in values])
+    # tr(C⁻¹S) = D holds through the eigenvectors: rounding amplified by κ(C) = λ₁/σ².
+    kappa = float(eigenvalues[0] / sigma2)
+    tol = kappa * identity_tolerance(fitted, x, q).mean()
+    reason = "κ(C)·4(D+K)·eps·M: M = Σ|terms| (mean over the data), κ(C) = λ₁/σ² for tr(C⁻¹S) = D"
+    return _worst("PPCA: exact ELBO attains log p at ML", errors, tol, reason)
+
+
+PROBLEMS = (
+    problem_counterexample_optima,
+    problem_counterexample_ascent,
+    problem_ppca_stationary,
+    problem_ppca_elbo,
 )
 
 

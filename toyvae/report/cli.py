@@ -85,17 +85,37 @@ def _data(case: Case, budget: checks.Budget, seed: int) -> torch.Tensor:
     return case.model.sample((budget.points,), generator=generator)[0]
 
 
+PROBLEMS_NAME = "fixed-problems"
+PROBLEMS_DESCRIPTION = (
+    "the same in every run, whatever --model: the mean-field counterexample "
+    "x = w(z₁ + z₂) + ε with E[x²] = 3, and PPCA fitted to 200 points (D=10, K=3)"
+)
+
+
 def run_battery(cases, budget: checks.Budget, seed: int, *, progress: bool = True):
-    """Run every check on every case; returns a list of :class:`ModelResult`."""
+    """Run every check on every case, then the fixed problems.
+
+    Returns ``(results, data)``: a :class:`ModelResult` per case followed by one for the fixed
+    problems (``kind="problems"``), and the data each case was checked at.
+    """
     tasks = [(case, check) for case in cases for check in checks.CHECKS]
+    tasks += [(None, problem) for problem in checks.PROBLEMS]
     rows: dict[str, list] = {case.name: [] for case in cases}
+    problem_rows = []
     data = {case.name: _data(case, budget, seed) for case in cases}
     bar = tqdm(tasks, desc="toyvae report", unit="check", disable=not progress, file=sys.stderr)
     for case, check in bar:
-        bar.set_postfix_str(f"{case.name}: {check.__name__.removeprefix('check_')}")
+        label = PROBLEMS_NAME if case is None else case.name
+        bar.set_postfix_str(f"{label}: {check.__name__.split('_', 1)[1]}")
+        if case is None:
+            problem_rows.append(check(budget=budget))
+            continue
         generator = _generator(seed, case.name, check.__name__, device=case.model.weight.device)
         rows[case.name].append(check(case.model, data[case.name], generator, budget=budget))
-    return [ModelResult(c.name, c.description, rows[c.name]) for c in cases], data
+    results = [ModelResult(c.name, c.description, rows[c.name]) for c in cases]
+    if problem_rows:
+        results.append(ModelResult(PROBLEMS_NAME, PROBLEMS_DESCRIPTION, problem_rows, "problems"))
+    return results, data
 
 
 def _prepare_out(out: Path) -> None:

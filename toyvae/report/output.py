@@ -12,11 +12,15 @@ __all__ = ["ModelResult", "failures", "markdown", "table", "to_json"]
 
 
 class ModelResult(NamedTuple):
-    """The battery's rows for one model."""
+    """The battery's rows for one model, or (``kind="problems"``) for the fixed problems."""
 
     name: str
     description: str
     rows: list[Row]
+    kind: str = "model"
+
+
+_PROBLEMS_HEADING = "Classic questions on fixed problems"
 
 
 def _verdict(row: Row) -> str:
@@ -48,6 +52,8 @@ def table(results: list[ModelResult], header: str) -> str:
     width = max(len(row.property) for r in results for row in r.rows)
     lines = [header, ""]
     for r in results:
+        if r.kind == "problems":
+            lines += ["-" * len(_PROBLEMS_HEADING), _PROBLEMS_HEADING, ""]
         lines.append(f"{r.name}: {r.description}")
         lines.append(f"  {'property':<{width}}  {'error':>9}  {'tolerance':>9}  result  why")
         for row in r.rows:
@@ -64,7 +70,10 @@ def markdown(results: list[ModelResult], header: str) -> str:
     """The same tables in Markdown, one per model."""
     lines = ["# toyvae report", "", header, ""]
     for r in results:
-        lines += [f"## {r.name}", "", r.description, ""]
+        if r.kind == "problems":
+            lines += [f"## {_PROBLEMS_HEADING}", ""]
+        level = "###" if r.kind == "problems" else "##"
+        lines += [f"{level} {r.name}", "", r.description, ""]
         lines += ["| property | worst error | tolerance | result | why |", "|---|---|---|---|---|"]
         for row in r.rows:
             reason = row.reason.replace("|", "\\|")
@@ -82,27 +91,30 @@ def _finite(value: float) -> float | None:
 
 
 def to_json(results: list[ModelResult], settings: dict) -> str:
-    """The same results as JSON: settings, per-model rows, overall verdict and failing rows."""
+    """The same results as JSON: settings, overall verdict, failing rows, and the rows of each
+    model (``models``) and of the fixed problems (``problems``)."""
+
+    def section(r: ModelResult) -> dict:
+        return {
+            "name": r.name,
+            "description": r.description,
+            "rows": [
+                {
+                    "property": row.property,
+                    "error": _finite(row.error),
+                    "tolerance": _finite(row.tolerance),
+                    "reason": row.reason,
+                    "result": _verdict(row),
+                }
+                for row in r.rows
+            ],
+        }
+
     document = {
         "settings": settings,
         "passed": not failures(results),
         "failures": failures(results),
-        "models": [
-            {
-                "name": r.name,
-                "description": r.description,
-                "rows": [
-                    {
-                        "property": row.property,
-                        "error": _finite(row.error),
-                        "tolerance": _finite(row.tolerance),
-                        "reason": row.reason,
-                        "result": _verdict(row),
-                    }
-                    for row in r.rows
-                ],
-            }
-            for r in results
-        ],
+        "models": [section(r) for r in results if r.kind == "model"],
+        "problems": [section(r) for r in results if r.kind == "problems"],
     }
     return json.dumps(document, indent=2, ensure_ascii=False)
