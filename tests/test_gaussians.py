@@ -115,3 +115,24 @@ def test_bad_variational_distributions_are_rejected():
     zero_scale = Independent(Normal(torch.zeros(2), torch.zeros(2), validate_args=False), 1)
     with pytest.raises(ValueError, match=r"q.s scale.*strictly positive"):
         toyvae.kl_to_prior(zero_scale)
+
+
+def test_only_one_reinterpreted_dimension_is_a_gaussian_over_z():
+    """Independent(Normal, 2) has event shape (N, K), not (K,): it is rejected, naming q."""
+    q = Independent(Normal(torch.zeros(3, 2, dtype=F64), torch.ones(3, 2, dtype=F64)), 2)
+    with pytest.raises(TypeError, match=r"q must be a torch\.distributions\.MultivariateNormal"):
+        toyvae.kl_to_prior(q)
+
+
+def test_a_float32_q_works_with_a_float64_model():
+    """q in float32 with a float64 model: results are float64 and equal those of q cast up."""
+    gen = torch.Generator().manual_seed(0)
+    model = toyvae.LinearGaussian(torch.randn(4, 2, generator=gen, dtype=F64))
+    x = torch.randn(3, 4, generator=gen, dtype=F64)
+    loc, scale = torch.randn(3, 2), torch.rand(3, 2) + 0.5
+    q32 = Independent(Normal(loc, scale), 1)
+    q64 = Independent(Normal(loc.double(), scale.double()), 1)
+    for function in (toyvae.elbo, toyvae.kl_to_posterior, toyvae.expected_log_likelihood):
+        value = function(model, x, q32)
+        # float32 → float64 is exact, so both runs see the same numbers and agree exactly.
+        assert value.dtype == F64 and torch.equal(value, function(model, x, q64))

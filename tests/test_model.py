@@ -54,6 +54,14 @@ def small_model(kind="diagonal", d=4, k=2, seed=0):
             ["noise_variance", "positive definite", "-1"],
         ),
         ({"noise_variance": "big"}, TypeError, ["noise_variance", "str"]),
+        ({"noise_variance": True}, TypeError, ["noise_variance", "bool"]),
+        ({"bias": torch.ones(3, dtype=torch.bool)}, TypeError, ["bias", "bool"]),
+        (
+            # a relative asymmetry of 1e-8 is far above the 64·eps that rounding can cause
+            {"noise_variance": torch.tensor([[1.0, 1e-8, 0], [0, 1, 0], [0, 0, 1]], dtype=F64)},
+            ValueError,
+            ["noise_variance", "symmetric"],
+        ),
     ],
 )
 def test_bad_parameters_raise_errors_that_name_them(kwargs, error, words):
@@ -63,6 +71,15 @@ def test_bad_parameters_raise_errors_that_name_them(kwargs, error, words):
         toyvae.LinearGaussian(**arguments)
     for word in words:
         assert word in str(info.value)
+
+
+def test_rounding_level_asymmetry_is_accepted():
+    """A full Ψ that is symmetric only to a few ulps (as after arithmetic) is accepted."""
+    psi = torch.tensor([[2.0, 0.5, 0], [0.5, 2, 0], [0, 0, 2]], dtype=F64)
+    psi[0, 1] += 4 * torch.finfo(F64).eps * 2  # 4 ulps of the largest entry
+    assert (
+        toyvae.LinearGaussian(torch.ones(3, 2, dtype=F64), noise_variance=psi).noise_kind == "full"
+    )
 
 
 def test_numpy_inputs_become_float64_and_keep_values():
@@ -165,6 +182,26 @@ def test_sample_is_reproducible_with_a_generator():
     # Gaussian deviation with probability 1 − 4e-8 per coordinate (≤ 1e-6 over the 4).
     se = (cov.diagonal() / n).sqrt()
     assert ((x.mean(0) - model.bias).abs() <= 5.5 * se).all()
+
+
+@pytest.mark.parametrize("kind", ["isotropic", "diagonal", "full"])
+def test_sample_covariance_is_the_marginal_covariance(kind):
+    """Draws of x have covariance WWᵀ + Ψ (so the noise uses L_Ψ, not L_Ψᵀ or Ψ itself)."""
+    model = small_model(kind)
+    if kind == "full":  # strongly correlated noise, so that L_Ψ L_Ψᵀ and L_Ψᵀ L_Ψ differ
+        a = torch.randn(4, 4, generator=torch.Generator().manual_seed(7), dtype=F64)
+        model = toyvae.LinearGaussian(model.weight, model.bias, a @ a.T + 0.1 * torch.eye(4))
+    n = 200_000
+    x, _ = model.sample((n,), generator=torch.Generator().manual_seed(8))
+    psi = model.noise_variance
+    psi = psi if kind == "full" else torch.diag(psi.expand(4))
+    cov = model.weight @ model.weight.T + psi
+    centred = x - model.bias  # the exact mean, so the estimate below is unbiased
+    sample = centred.T @ centred / n
+    # For Gaussian x, Var(x_i x_j) = C_ii C_jj + C_ij²; by the CLT the n-sample mean errs by
+    # more than 5.5 of its standard errors with probability 3.8e-8 per entry, ≤ 1e-6 over 16.
+    se = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov.square()) / n).sqrt()
+    assert ((sample - cov).abs() <= 5.5 * se).all()
 
 
 def test_parameters_are_differentiable():

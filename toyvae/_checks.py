@@ -32,9 +32,7 @@ def as_tensor(value, name: str, *, like: torch.Tensor | None = None) -> torch.Te
                     f"{name} must be a real floating-point array, got {describe(value)}"
                 )
             tensor = tensor.to(torch.float64)
-    elif isinstance(value, np.ndarray | numbers.Real | list | tuple) and not isinstance(
-        value, bool
-    ):
+    elif isinstance(value, np.ndarray | numbers.Real | list | tuple):  # bool: rejected by kind
         array = np.asarray(value)
         if array.dtype.kind not in "fiu":
             raise TypeError(f"{name} must be a real numeric array, got {describe(array)}")
