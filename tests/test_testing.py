@@ -11,6 +11,7 @@ import functools
 import math
 
 import pytest
+import scipy.integrate
 import scipy.stats
 import torch
 
@@ -315,6 +316,136 @@ def test_exact_encoder_makes_estimates_exact_and_hides_the_mean_of_log_weights()
         bugs.iwae_mean_of_log_weights, _vae(True), k=bugs.IWAE_K, num_draws=20
     )
     assert hidden.passed, hidden.message
+
+
+def _shifted_posterior_vae(shift: float) -> LinearVAE:
+    """The exact-posterior VAE with every encoder mean moved by ``shift``: q = N(μ + δ, Σ)."""
+    vae = linear_vae(exact_encoder=True)
+    with torch.no_grad():
+        vae.encoder.mean.bias.add_(shift)
+    return vae
+
+
+def _log_cosh_moments(a: float) -> tuple[float, float, float]:
+    """Mean, variance and 4th cumulant of log cosh(a·v), v ~ N(0, 1), by quadrature."""
+
+    def weighted(v, power):  # log cosh(a·v)^power times the N(0, 1) density
+        y = abs(a * v)
+        log_cosh = y + math.log1p(math.exp(-2 * y)) - math.log(2)
+        return log_cosh**power * math.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)
+
+    # Even integrand: twice the integral over [0, ∞); quad's error is ~1e-10 relative.
+    raw = [2 * scipy.integrate.quad(weighted, 0, math.inf, args=(j,))[0] for j in (1, 2, 3, 4)]
+    m1, m2, m3, m4 = raw
+    variance = m2 - m1**2
+    central4 = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4
+    return m1, variance, central4 - 3 * variance**2
+
+
+def test_iwae_reference_standard_error_is_its_exact_monte_carlo_error():
+    """For k = 2 the reference's reported standard error matches the exact one of its gap draws.
+
+    With q = N(μ + δ, Σ), Σ the posterior covariance, log w = log p(x) + σ u exactly, u ~ N(0, 1),
+    σ² = δᵀΣ⁻¹δ = 2 KL(q ‖ p(z|x)). Then the k = 2 gap log ½(w₁ + w₂) − ½ log w₁w₂ is
+    log cosh(σ(u₁ − u₂)/2) = log cosh(σ v/√2), v ~ N(0, 1): its moments are 1-D integrals.
+    """
+    vae = _shifted_posterior_vae(0.4)
+    model, q, elbo, _, _ = _exact_parts(vae)
+    with torch.no_grad():
+        sigma2 = (2 * toyvae.kl_to_posterior(model, vae.x, q)).tolist()
+    moments = [_log_cosh_moments(math.sqrt(s2 / 2)) for s2 in sigma2]
+    mean_gap = sum(m for m, _, _ in moments)  # one draw of the gap, summed over the rows of x
+    var_gap = sum(v for _, v, _ in moments)  # rows are independent: cumulants add
+    kappa4_gap = sum(c for _, _, c in moments)
+
+    num_draws = 200
+    check = check_elbo_estimator(
+        functools.partial(bugs.iwae, k=2), vae, k=2, num_draws=num_draws, check_gradient=False
+    )
+    # The reference is the ELBO plus the mean of 16·num_draws gap draws, in 64 batches whose
+    # means give the standard error: exact SE² = Var(gap)/(16·num_draws).
+    batches, per_batch = 64, 16 * num_draws // 64
+    exact_se = math.sqrt(var_gap / (batches * per_batch))
+    # Mean of 3200 iid draws, each a sum of 32 rows: normal by the CLT; rounding (~1e-13) is
+    # far below the 1e-6 band of the exact SE (~0.04).
+    assert abs(check.exact - float(elbo.sum()) - mean_gap) <= Z_1E6 * exact_se
+    # Reported SE² = s²/64, s² the sample variance of 64 batch means with variance σ_b² and 4th
+    # cumulant κ_b: Var(s²) = κ_b/64 + 2σ_b⁴/63 exactly. s²/σ_b² is taken as χ²_ν/ν with ν
+    # matching that variance (ν = 63 for normal batch means); 1e-6 split over the two tails.
+    var_batch, kappa4_batch = var_gap / per_batch, kappa4_gap / per_batch**3
+    dof = 2 * var_batch**2 / (kappa4_batch / batches + 2 * var_batch**2 / (batches - 1))
+    low, high = (float(scipy.stats.chi2.isf(p, dof)) / dof for p in (1 - 0.5e-6, 0.5e-6))
+    ratio = (check.exact_standard_error / exact_se) ** 2
+    assert low <= ratio <= high, (ratio, low, high)
+
+
+def test_rounding_allowance_has_the_documented_size():
+    """A zero-variance estimator passes, and fails once offset by 100 rounding allowances.
+
+    With q the exact posterior every draw of a correct ELBO is log p(x) to rounding, so the
+    z-test's spread is the allowance r = (N + D + K)·ε·M alone, and z = offset/r ≈ 100.
+    """
+    vae = _vae(exact_encoder=True)
+    model, q, _, kl, _ = _exact_parts(vae)
+    with torch.no_grad():
+        magnitude = (toyvae.expected_log_likelihood(model, vae.x, q).abs() + kl).sum().item()
+    n, d = vae.x.shape
+    allowance = (n + d + model.latent_dim) * EPS64 * magnitude
+    offset = 100 * allowance
+
+    base = _check(bugs.elbo_by_hand, exact_encoder=True)
+    assert base.passed, base.message  # rounding alone stays within the allowance
+
+    def offset_elbo(x, encoder, decoder, generator):
+        return bugs.elbo_by_hand(x, encoder, decoder, generator) + offset
+
+    shifted = check_elbo_estimator(offset_elbo, vae)
+    assert not shifted.passed, shifted.message
+    assert shifted.direction == "too high"
+    # Same seed, same draws: the numerator is base.difference + offset, up to the rounding of
+    # adding the offset to each draw (ε/2 of |draw|) and of the mean over n draws (log₂ n
+    # levels); the SE grows by at most ε·|draw|. The spread √(SE² + r²) exceeds r by ½SE²/r.
+    size = abs(shifted.exact) + offset
+    numerator_error = (1 + math.log2(shifted.num_draws)) * EPS64 * size
+    se = base.standard_error + EPS64 * size
+    expected = (offset + base.difference) / allowance
+    tolerance = numerator_error / allowance + 0.5 * (se / allowance) ** 2 * expected
+    assert abs(shifted.z - expected) <= tolerance, (shifted.z, expected, tolerance)
+
+
+@pytest.mark.parametrize(
+    ("false_alarm", "num_draws", "check_gradient"),
+    [(1e-6, DEFAULT_NUM_DRAWS, True), (1e-3, 20, True), (1e-3, 20, False)],
+)
+def test_thresholds_are_student_t_quantiles_of_the_false_alarm_split(
+    false_alarm, num_draws, check_gradient
+):
+    """The value threshold is the two-sided Student-t_{n−1} quantile at α/2 (α/4 per tail), or α
+    (α/2) without a gradient test; the gradient's is at α/2 split over P coordinates (Bonferroni).
+    """
+    vae = _vae()
+    options = (("check_gradient", check_gradient), ("false_alarm", false_alarm))
+    options += (("num_draws", num_draws),)
+    # The defaults share the cached check of test_correct_estimators_pass.
+    check = _check(bugs.elbo_analytic_kl, options if num_draws != DEFAULT_NUM_DRAWS else ())
+    dof = num_draws - 1
+    # α split evenly between value and gradient tests; each two-sided.
+    value_tail = false_alarm / 4 if check_gradient else false_alarm / 2
+    expected = float(scipy.stats.t.isf(value_tail, dof))
+    # Same quantile in float64; 1e-9 allows an equivalent form such as ppf(1 − tail), whose
+    # rounding moves a tail ≥ 2.5e-7 by ≤ 2.2e-10 relative, and the quantile by less (the
+    # tail's elasticity q·f(q)/P(T > q) exceeds 1).
+    assert math.isclose(check.threshold, expected, rel_tol=1e-9), (check.threshold, expected)
+    gradient_line = check.message.splitlines()[-1]
+    if not check_gradient:
+        assert check.gradient_passed is None
+        assert "gradient" not in gradient_line
+        return
+    count = sum(p.numel() for p in vae.encoder.parameters())
+    count += sum(p.numel() for p in vae.decoder.parameters())
+    g_expected = float(scipy.stats.t.isf(false_alarm / 4 / count, dof))
+    # The report prints the gradient threshold to 2 decimals, whether the gradient passes or not.
+    assert f"|z| > {g_expected:.2f} fails" in gradient_line, (gradient_line, g_expected)
 
 
 # -- the report and the assert-style variant -----------------------------------------------------
