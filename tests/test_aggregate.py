@@ -13,6 +13,7 @@ from torch.distributions import MultivariateNormal
 import toyvae
 from toyvae.aggregate import (
     LinearGaussianEncoder,
+    _stratified,
     aggregate_kl_to_prior,
     aggregate_posterior,
     elbo_surgery,
@@ -117,6 +118,20 @@ def test_bad_encoder_parameters_raise_errors_that_name_them(kwargs, error, words
         LinearGaussianEncoder(**arguments)
     for word in words:
         assert word in str(info.value)
+
+
+def test_encoder_reads_only_the_lower_triangle_of_scale_tril():
+    """Junk above the diagonal of scale_tril changes neither the stored factor nor q(z|x)."""
+    _, encoder, _ = random_case(2)
+    junk = torch.triu(torch.full((2, 2), 7.0, dtype=F64), 1)
+    noisy = LinearGaussianEncoder(encoder.weight, encoder.bias, encoder.scale_tril + junk)
+    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
+    # The upper triangle is discarded before any arithmetic, so the results are bit-identical.
+    assert torch.equal(noisy.scale_tril, encoder.scale_tril)
+    q, clean = noisy(x), encoder(x)
+    assert torch.equal(q.loc, clean.loc) and torch.equal(q.scale_tril, clean.scale_tril)
+    z = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(q.log_prob(z), clean.log_prob(z))
 
 
 def test_bad_data_and_mismatched_dimensions_are_named():
@@ -390,6 +405,16 @@ def gauss_hermite_moments(function, mean, scale, nodes):
     values = function(mean + scale * points)
     first = weights @ values
     return first, weights @ (values - first) ** 2
+
+
+def test_stratified_standard_error_uses_the_unbiased_per_stratum_variance():
+    """Hand-worked: strata {0, 1, 2} and {1, 3, 5} give mean 2 and s.e.² = (1 + 4)/(2²·3)."""
+    terms = torch.tensor([[0.0, 1.0], [1.0, 3.0], [2.0, 5.0]], dtype=F64)  # (M, N) = (3, 2)
+    estimate = _stratified(terms)
+    # Sample variances with the M − 1 divisor: s₁² = 2/2 = 1, s₂² = 8/2 = 4; Var of the
+    # stratified mean Σ s_n² / (N² M) = 5/12. A handful of roundings on numbers ≤ 12: 16 ulps.
+    assert abs(estimate.value.item() - 2.0) <= 16 * EPS * 2.0
+    assert abs(estimate.standard_error.item() ** 2 - 5 / 12) <= 16 * EPS * 5 / 12
 
 
 def test_empirical_surgery_estimates_match_quadrature_within_exact_standard_errors():

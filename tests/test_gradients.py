@@ -7,6 +7,8 @@ Carlo check uses a median-of-means radius from the exact variance (false alarm �
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
@@ -20,7 +22,7 @@ from toyvae.gradients import (
     gradient_draws,
     gradient_estimator_moments,
 )
-from toyvae.stats import median_of_means_plan
+from toyvae.stats import gauss_hermite_noise, median_of_means_plan
 from toyvae.tolerances import EPS
 
 DT = torch.float64
@@ -90,6 +92,62 @@ def test_every_estimator_is_exactly_unbiased(spec, estimator):
         scale = want.abs() + variance.sqrt()
         tol = 4 * (d + k) * 5**k * EPS * scale
         assert torch.all((mean - want).abs() <= tol)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_two_sample_average_is_exactly_unbiased(estimator):
+    """E ∇[½(ĝ(ε₁) + ĝ(ε₂))] over independent pairs, by exact quadrature, equals ∇ELBO."""
+    # The test above evaluates all nodes in one call, so a baseline shared by the call (say
+    # the batch mean of log w) is one constant c there, and c·Σω∇log q = 0 hides it. Here each
+    # call holds one pair only, as a 2-sample estimate does: a baseline built from the pair
+    # itself couples ε₁ and ε₂ and biases the score term by a factor 1 − 1/2.
+    case = _Case(3, 1, seed=11)
+    exact = case.exact_gradient()
+    nodes, weights = gauss_hermite_noise(1, 5)
+    means = [torch.zeros_like(p) for p in case.params]
+    sizes = [torch.zeros_like(p) for p in case.params]
+    for i, j in itertools.product(range(5), repeat=2):
+        pair = torch.stack([nodes[i], nodes[j]])  # (2, K): two samples
+        surrogate = elbo_surrogate_at(case.model, case.x, case.q(), pair, estimator=estimator)
+        grads = torch.autograd.grad(surrogate.mean(0), case.params)
+        for mean, size, g in zip(means, sizes, grads, strict=True):
+            mean += weights[i] * weights[j] * g
+            size += weights[i] * weights[j] * g.abs()
+    d, k = case.weight.shape
+    for mean, size, want in zip(means, sizes, exact, strict=True):
+        # The pair average has degree ≤ 4 in each of ε₁, ε₂, so order 5 per coordinate is
+        # exact. Rounding: each draw errs by 4(D + K)·eps of its size, and the 25-term
+        # quadrature sum by 25·eps of Σω|g| (Higham), against the exact gradient's own
+        # 4(D + K)·eps·|∇ELBO|.
+        tol = (4 * (d + k) + 25) * EPS * size + 4 * (d + k) * EPS * want.abs()
+        assert torch.all((mean - want).abs() <= tol)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("spec", CASES)
+def test_exact_moments_agree_with_an_independent_order_6_quadrature(spec, estimator):
+    """gradient_estimator_moments equals Σω ĝ and Σω (ĝ − mean)² over order-6 nodes."""
+    case = _Case(**spec)
+    moments = gradient_estimator_moments(
+        case.model, case.x, case.q(), case.params, estimator=estimator
+    )
+    d, k = case.weight.shape
+    nodes, weights = gauss_hermite_noise(k, 6)
+    surrogate = elbo_surrogate_at(case.model, case.x, case.q(), nodes, estimator=estimator)
+    draws = gradient_draws(surrogate, case.params)
+    for mean, variance, draw in zip(moments.mean, moments.variance, draws, strict=True):
+        w = weights.reshape(-1, *([1] * (draw.ndim - 1)))
+        mean6 = (w * draw).sum(0)
+        variance6 = (w * (draw - mean6).square()).sum(0)
+        # Draws have degree ≤ 4 in ε, squared ≤ 8: orders 5 and 6 (exact to degree 9 and 11)
+        # both give the exact moments; order 4 (degree 7) misses the ε⁸ terms of the variance.
+        # Rounding: each draw errs by u = 4(D + K)·eps of its size, so each (ĝ − mean)² by
+        # 4u(|ĝ| + |mean|)²; each quadrature sum by its node count (5^K, 6^K)·eps (Higham).
+        # Both sides, bounded with S = Σω(|ĝ| + |mean|)² (order 6; ×2 for order 5's S).
+        size = (w * (draw.abs() + mean6.abs()).square()).sum(0)
+        factor = (2 * 4 * 4 * (d + k) + 2 * 6**k) * EPS
+        assert torch.all((variance - variance6).abs() <= factor * size)
+        assert torch.all((mean - mean6).abs() <= factor * size.sqrt())
 
 
 def test_estimators_differ_only_in_variance_and_share_the_model_gradient():

@@ -285,6 +285,14 @@ def test_bad_arguments_are_named():
         counterexample_optima(0.5)
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan, -1.0])
+def test_fit_linear_vae_rejects_a_non_finite_or_non_positive_noise_variance(value):
+    """A fixed σ² of inf, NaN or −1 raises ValueError naming noise_variance before training."""
+    x = torch.randn(10, 3, dtype=F64)
+    with pytest.raises(ValueError, match="noise_variance must be"):
+        fit_linear_vae(x, 1, noise_variance=value)
+
+
 # -- training a linear VAE ------------------------------------------------------------------------
 
 

@@ -327,3 +327,94 @@ def test_fourth_cumulant_of_log_weights_matches_quadrature():
     relative = 16 * 2 * torch.linalg.cond(precision) * eps64
     assert ((kappa2 - mu2).abs() <= err2 + relative * kappa2).all()
     assert ((kappa4 - (mu4 - 3 * mu2**2)).abs() <= err4 + relative * kappa4).all()
+
+
+class _Spy:
+    """Wraps a function of checks, recording (arguments, result) of every call."""
+
+    def __init__(self, monkeypatch, name):
+        self.calls, self.function = [], getattr(checks, name)
+        monkeypatch.setattr(checks, name, self)
+
+    def __call__(self, *args, **kwargs):
+        result = self.function(*args, **kwargs)
+        self.calls.append((args, result))
+        return result
+
+
+def _statistical_rows(monkeypatch):
+    """Run the three Monte Carlo rows on a small model; return their tolerance vectors and the
+    recorded draws of each row (the arguments hold the q, k and sample size it used)."""
+    tolerances = {}
+    worst = checks._worst
+
+    def capture(prop, errors, tols, reason):
+        tolerances[prop] = torch.as_tensor(np.asarray(tols)).double().reshape(-1)
+        return worst(prop, errors, tols, reason)
+
+    monkeypatch.setattr(checks, "_worst", capture)
+    iwae, plain = _Spy(monkeypatch, "iwae_estimates"), _Spy(monkeypatch, "log_weights")
+    rng = np.random.default_rng(5)
+    model = LinearGaussian(rng.normal(size=(6, 2)), rng.normal(size=6), rng.uniform(0.5, 2, 6))
+    x = model.sample((3,), generator=torch.Generator().manual_seed(6))[0]
+    calls = {}
+    for seed, row, spy in [
+        (7, checks.check_elbo_estimator, iwae),
+        (8, checks.check_log_weight_variance, plain),
+        (9, checks.check_iwae_evidence, iwae),
+    ]:
+        assert row(model, x, torch.Generator().manual_seed(seed), budget=TINY).passed
+        calls[row.__name__], spy.calls = spy.calls, []
+    return model, x, tolerances, calls
+
+
+def _radius(n, variance, false_alarm):
+    """The median-of-means radius for n draws of exact variance ``variance``."""
+    _, factor = toyvae.stats.median_of_means_plan(n, false_alarm)
+    return factor * variance.sqrt()
+
+
+def test_statistical_rows_hold_draws_to_the_median_of_means_radius_of_the_exact_variance(
+    monkeypatch,
+):
+    """Each Monte Carlo row's tolerances are the median-of-means radii of the exact variances,
+    at the row's false-alarm probability 1e-6 split evenly over its (q, point, k) assertions."""
+    model, x, tolerances, calls = _statistical_rows(monkeypatch)
+    n_points = x.shape[0]
+
+    def assert_close(prop, want):
+        # The radius and the rounding allowance are recomputed with the same few products and
+        # sums as the row forms them, possibly in another order: 8 ulps of the total.
+        got = tolerances[prop]
+        assert got.shape == want.shape
+        assert torch.all((got - want).abs() <= 8 * toyvae.tolerances.EPS * want)
+
+    # ELBO estimator: n draws of log w (k = 1), variance Var log w; 3 q's × N points.
+    want = []
+    for (_, _, q, k, n), _ in calls["check_elbo_estimator"]:
+        variance = toyvae.log_weight_moments(model, x, q).variance
+        assert k == 1
+        want.append(_radius(n, variance, 1e-6 / (3 * n_points)) + checks._tolerance(model, x, q))
+    assert len(want) == 3
+    assert_close("ELBO estimator unbiased", torch.cat(want))
+
+    # Variance of log w: squared deviations (log w − ELBO)², variance κ₄ + 2κ₂² (the cumulant
+    # formula, checked against quadrature above); 3 q's × N points.
+    want = []
+    for (_, _, q, n), _ in calls["check_log_weight_variance"]:
+        kappa2, kappa4 = checks._cumulants_2_4(model, x, q)
+        radius = _radius(n, kappa4 + 2 * kappa2.square(), 1e-6 / (3 * n_points))
+        want.append(radius + 2 * checks._tolerance(model, x, q) * (10 * kappa2.sqrt() + 1))
+    assert len(want) == 3
+    assert_close("exact variance of log w", torch.cat(want))
+
+    # IWAE evidence: R = exp(IWAE_k − log p(x)), Var R = χ²(p(z|x) ‖ q)/k; the k's × N points.
+    want, ks = [], []
+    for (_, _, q, k, n), draws in calls["check_iwae_evidence"]:
+        chi2 = toyvae.chi_square_divergence(model, x, q)
+        ratio = (draws - model.log_evidence(x)).exp()
+        rounding = 2 * checks._tolerance(model, x, q) * ratio.amax(0)
+        want.append(_radius(n, chi2 / k, 1e-6 / (len(TINY.iwae_ks) * n_points)) + rounding)
+        ks.append(k)
+    assert ks == list(TINY.iwae_ks)
+    assert_close("IWAE: E exp(IWAE_k) = p(x)", torch.cat(want))

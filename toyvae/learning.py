@@ -368,6 +368,7 @@ def fit_linear_vae(
     if noise_variance is not None:
         noise_variance = as_tensor(noise_variance, "noise_variance", like=x)
         check_ndim(noise_variance, "noise_variance", (0,), "a scalar variance")
+        check_finite(noise_variance, "noise_variance")  # inf would pass check_positive
         check_positive(noise_variance, "noise_variance")
     if progress is None:
         progress = sys.stderr.isatty()
