@@ -131,3 +131,30 @@ def check_count(value, name: str, minimum: int = 1, why: str = "") -> int:
     if value < minimum:
         raise ValueError(f"{name} must be {expected}{why}, got {value}")
     return int(value)
+
+
+def check_affine_map(weight, bias, rows: str, columns: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate the matrix and offset of an affine map v ↦ weight @ v + bias.
+
+    ``weight`` must be a finite (rows, columns) matrix with both sizes ≥ 1; ``bias`` a finite
+    vector of length ``rows`` (zeros when ``None``), converted to weight's dtype and device.
+    ``rows`` and ``columns`` name the sizes in messages, e.g. ``"D"`` and ``"K"``.
+    """
+    weight = as_tensor(weight, "weight")
+    check_ndim(weight, "weight", (2,), f"a ({rows}, {columns}) matrix")
+    n_rows, n_columns = weight.shape
+    if n_rows == 0 or n_columns == 0:
+        raise ValueError(
+            f"weight must have {rows} ≥ 1 rows and {columns} ≥ 1 columns, got {describe(weight)}"
+        )
+    check_finite(weight, "weight")
+    if bias is None:
+        bias = torch.zeros(n_rows, dtype=weight.dtype, device=weight.device)
+    bias = as_tensor(bias, "bias", like=weight)
+    if bias.shape != (n_rows,):
+        raise ValueError(
+            f"bias must have shape ({n_rows},) to match weight ({rows}, {columns}) = "
+            f"({n_rows}, {n_columns}), got {describe(bias)}"
+        )
+    check_finite(bias, "bias")
+    return weight, bias

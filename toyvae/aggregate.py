@@ -26,6 +26,7 @@ from torch.distributions import MultivariateNormal
 
 from toyvae._checks import (
     as_tensor,
+    check_affine_map,
     check_count,
     check_finite,
     check_last_dim,
@@ -89,22 +90,8 @@ class LinearGaussianEncoder:
     """
 
     def __init__(self, weight, bias=None, scale_tril=None):
-        weight = as_tensor(weight, "weight")
-        check_ndim(weight, "weight", (2,), "a (K, D) matrix")
-        k, d = weight.shape
-        if d == 0 or k == 0:
-            raise ValueError(
-                f"weight must have K ≥ 1 rows and D ≥ 1 columns, got {describe(weight)}"
-            )
-        check_finite(weight, "weight")
-        bias = (
-            torch.zeros_like(weight[:, 0]) if bias is None else as_tensor(bias, "bias", like=weight)
-        )
-        if bias.shape != (k,):
-            raise ValueError(
-                f"bias must have shape ({k},) to match weight (K, D), got {describe(bias)}"
-            )
-        check_finite(bias, "bias")
+        weight, bias = check_affine_map(weight, bias, "K", "D")
+        k = weight.shape[0]
         if scale_tril is None:
             scale_tril = torch.eye(k, dtype=weight.dtype, device=weight.device)
         scale_tril = as_tensor(scale_tril, "scale_tril", like=weight)

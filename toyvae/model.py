@@ -25,9 +25,9 @@ from torch.distributions import (
 
 from toyvae._checks import (
     as_tensor,
+    check_affine_map,
     check_finite,
     check_last_dim,
-    check_ndim,
     check_positive,
     check_symmetric,
     cholesky,
@@ -78,24 +78,8 @@ class LinearGaussian:
     """
 
     def __init__(self, weight, bias=None, noise_variance=1.0):
-        weight = as_tensor(weight, "weight")
-        check_ndim(weight, "weight", (2,), "a (D, K) matrix")
-        d, k = weight.shape
-        if d == 0 or k == 0:
-            raise ValueError(
-                f"weight must have D ≥ 1 rows and K ≥ 1 columns, got {describe(weight)}"
-            )
-        check_finite(weight, "weight")
-
-        if bias is None:
-            bias = torch.zeros(d, dtype=weight.dtype, device=weight.device)
-        bias = as_tensor(bias, "bias", like=weight)
-        if bias.shape != (d,):
-            raise ValueError(
-                f"bias must have shape ({d},) to match weight (D, K) = ({d}, {k}), "
-                f"got {describe(bias)}"
-            )
-        check_finite(bias, "bias")
+        weight, bias = check_affine_map(weight, bias, "D", "K")
+        d = weight.shape[0]
 
         noise = as_tensor(noise_variance, "noise_variance", like=weight)
         check_finite(noise, "noise_variance")
