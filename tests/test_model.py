@@ -238,3 +238,143 @@ def test_posterior_scale_is_the_cholesky_factor_of_the_inverse_precision(data, m
     k, d = model.latent_dim, model.data_dim
     tol = 8 * kappa * (k + d * kappa_psi) * EPS * scale
     assert ((tril - textbook).abs() <= tol).all()
+
+
+# -- a Gaussian prior ---------------------------------------------------------------------
+
+
+def _prior(k=2, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    loc = torch.randn(k, generator=gen, dtype=F64)
+    tril = torch.tril(0.4 * torch.randn(k, k, generator=gen, dtype=F64), -1)
+    tril = tril + torch.diag(torch.rand(k, generator=gen, dtype=F64) + 0.5)
+    return torch.distributions.MultivariateNormal(loc, scale_tril=tril)
+
+
+@pytest.mark.parametrize("kind", ["isotropic", "diagonal", "full"])
+def test_prior_gives_the_textbook_marginal_and_posterior(kind):
+    """With p(z) = N(m₀, P₀): p(x) = N(b + Wm₀, WP₀Wᵀ + Ψ) and p(z|x) by Gaussian conditioning."""
+    base = small_model(kind)
+    prior = _prior()
+    model = toyvae.LinearGaussian(base.weight, base.bias, base.noise_variance, prior=prior)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    w, b, psi = base.weight.numpy(), base.bias.numpy(), base.noise.dense().numpy()
+    m0, p0 = prior.loc.numpy(), prior.covariance_matrix.numpy()
+    cov = w @ p0 @ w.T + psi
+    expected = scipy.stats.multivariate_normal(b + w @ m0, cov).logpdf(x.numpy())
+    # Gaussian conditioning of the joint (z, x): Σ = P₀ − P₀WᵀC⁻¹WP₀, μ = m₀ + P₀WᵀC⁻¹(x − b − Wm₀).
+    gain = np.linalg.solve(cov, w @ p0).T
+    post_cov = p0 - gain @ w @ p0
+    post_mean = m0 + (x.numpy() - b - w @ m0) @ gain.T
+    post = model.posterior(x)
+    # Tolerances: the dense route forms C and solves with it; κ(C) ≤ 1e2 here, so 1e3·eps·scale
+    # covers both routes' rounding (a wrong prior changes these by O(1)).
+    scale = np.abs(expected).max()
+    assert np.abs(model.log_evidence(x).numpy() - expected).max() <= 1e3 * EPS * scale
+    assert np.abs(post.loc.numpy() - post_mean).max() <= 1e3 * EPS * np.abs(post_mean).max()
+    assert np.abs(post.covariance_matrix.numpy() - post_cov).max() <= 1e3 * EPS
+    assert torch.equal(model.prior().loc, prior.loc)
+
+
+def test_prior_keeps_the_identity_and_the_elbo_uses_it():
+    """log p(x) = ELBO + KL with a non-standard prior; the ELBO's KL term is KL(q ‖ the prior)."""
+    base = small_model("full")
+    model = toyvae.LinearGaussian(base.weight, base.bias, base.noise_variance, prior=_prior())
+    x, _ = model.sample(6, generator=torch.Generator().manual_seed(2))
+    q = torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(6, 2, dtype=F64), torch.ones(6, 2, dtype=F64)), 1
+    )
+    gap = model.log_evidence(x) - toyvae.elbo(model, x, q) - toyvae.kl_to_posterior(model, x, q)
+    assert (gap.abs() <= identity_tolerance(model, x, q)).all()
+    # The ELBO's own route: reconstruction minus KL(q ‖ N(m₀, P₀)), not KL(q ‖ N(0, I)).
+    terms = toyvae.expected_log_likelihood(model, x, q) - toyvae.kl_to_prior(q, model)
+    assert torch.equal(terms, toyvae.elbo(model, x, q))
+    standard = toyvae.elbo(base, x, q)
+    assert (standard - toyvae.elbo(model, x, q)).abs().min() > 1e-3
+
+
+def test_log_joint_with_a_prior_is_the_sum_of_torch_densities():
+    """log p(x, z) = log N(x; Wz + b, Ψ) + log N(z; m₀, P₀), by torch.distributions."""
+    base = small_model("diagonal")
+    prior = _prior()
+    model = toyvae.LinearGaussian(base.weight, base.bias, base.noise_variance, prior=prior)
+    x, z = model.sample(7, generator=torch.Generator().manual_seed(3))
+    expected = model.likelihood(z).log_prob(x) + prior.log_prob(z)
+    # Both are sums of D + K terms each rounded once: 4(D + K)·eps·M.
+    assert (model.log_joint(x, z) - expected).abs().max() <= identity_tolerance(model, x, z=z).min()
+
+
+def test_bad_priors_raise_errors_that_name_them():
+    """A prior must be one MultivariateNormal over K latents, without a batch shape."""
+    w = torch.ones(3, 2, dtype=F64)
+    with pytest.raises(TypeError, match=r"prior must be a torch\.distributions\.Multivariate"):
+        toyvae.LinearGaussian(w, prior=torch.distributions.Normal(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"prior must have event shape \(2,\).*\(3,\)"):
+        toyvae.LinearGaussian(
+            w,
+            prior=torch.distributions.MultivariateNormal(
+                torch.zeros(3, dtype=F64), torch.eye(3, dtype=F64)
+            ),
+        )
+    batched = torch.distributions.MultivariateNormal(torch.zeros(4, 2, dtype=F64), torch.eye(2))
+    with pytest.raises(ValueError, match=r"no batch shape.*batch shape \(4,\)"):
+        toyvae.LinearGaussian(w, prior=batched)
+
+
+# -- immutability -------------------------------------------------------------------------
+
+
+def test_attributes_cannot_be_reassigned():
+    """Setting or deleting an attribute raises: the model is immutable after construction."""
+    model = small_model("isotropic")
+    with pytest.raises(AttributeError, match="immutable"):
+        model.noise_variance = torch.eye(4, dtype=F64)
+    with pytest.raises(AttributeError, match="immutable"):
+        model.weight = torch.zeros(4, 2, dtype=F64)
+    with pytest.raises(AttributeError, match="immutable"):
+        del model.bias
+
+
+def test_in_place_edit_of_full_noise_upper_triangle_is_refused():
+    """Editing Ψ's upper triangle in place (which Cholesky never reads) raises, naming Ψ."""
+    psi = torch.eye(4, dtype=F64) + 0.3 * torch.ones(4, 4, dtype=F64)
+    model = toyvae.LinearGaussian(torch.ones(4, 2, dtype=F64), noise_variance=psi)
+    x = torch.zeros(4, dtype=F64)
+    model.log_evidence(x)
+    psi[0, 3] = 5.0
+    with pytest.raises(RuntimeError, match="noise_variance was modified in place"):
+        model.log_evidence(x)
+
+
+def test_optimizer_step_on_a_converted_parameter_is_refused():
+    """A float32 noise next to a float64 weight: after an optimizer step the model refuses to run.
+
+    The model holds a float64 copy; gradients reach the float32 leaf, but its updates never
+    would reach the copy, so training would silently run on the initial value.
+    """
+    noise = torch.tensor(2.0, requires_grad=True)
+    model = toyvae.LinearGaussian(torch.ones(3, 2, dtype=F64), noise_variance=noise)
+    x = torch.ones(3, dtype=F64)
+    loss = -model.log_evidence(x)
+    loss.backward()
+    assert noise.grad is not None and noise.grad.dtype == torch.float32
+    torch.optim.SGD([noise], lr=0.1).step()
+    with pytest.raises(RuntimeError, match=r"[Bb]uild a new LinearGaussian"):
+        model.log_evidence(x)
+    # The documented way: a new model per step sees the update.
+    fresh = toyvae.LinearGaussian(torch.ones(3, 2, dtype=F64), noise_variance=noise)
+    assert fresh.noise_variance.item() == pytest.approx(noise.item())
+
+
+def test_numpy_parameters_are_copied():
+    """Editing the caller's NumPy array after construction does not change the model."""
+    w = np.ones((3, 2))
+    model = toyvae.LinearGaussian(w)
+    w[0, 0] = 7.0
+    assert model.weight[0, 0].item() == 1.0
+
+
+def test_sample_accepts_an_int_shape():
+    """sample(5) works as in torch: x (5, D), z (5, K)."""
+    x, z = small_model().sample(5, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (5, 4) and z.shape == (5, 2)

@@ -23,6 +23,7 @@ from toyvae.gradients import (
     gradient_draws,
     gradient_estimator_moments,
 )
+from toyvae.interface import ConjugateModel, Exact
 from toyvae.model import LinearGaussian
 from toyvae.stats import MeanEstimate, gauss_hermite_noise, median_of_means, median_of_means_plan
 
@@ -30,6 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ESTIMATORS",
+    "ConjugateModel",
+    "Exact",
     "Gaussian",
     "GradientMoments",
     "LinearGaussian",

@@ -36,7 +36,8 @@ def as_tensor(value, name: str, *, like: torch.Tensor | None = None) -> torch.Te
         array = np.asarray(value)
         if array.dtype.kind not in "fiu":
             raise TypeError(f"{name} must be a real numeric array, got {describe(array)}")
-        tensor = torch.as_tensor(array, dtype=torch.float64)
+        # A copy, never a view: a model must not change when the caller edits their array.
+        tensor = torch.tensor(array, dtype=torch.float64)
     else:
         raise TypeError(
             f"{name} must be a torch tensor, a NumPy array or a real number, got {describe(value)}"

@@ -35,8 +35,7 @@ from toyvae._checks import (
     cholesky,
     describe,
 )
-from toyvae.bounds import _check_model, _expected_log_likelihood, _standard_normal
-from toyvae.gaussians import LOG_2PI, Gaussian, _entropy, _kl, as_gaussian
+from toyvae.gaussians import LOG_2PI, Gaussian, _entropy, _kl, as_gaussian, standard_normal
 from toyvae.model import LinearGaussian
 
 __all__ = [
@@ -124,10 +123,9 @@ class LinearGaussianEncoder:
         identity L_Ψ⁻¹ e_i goes through the model's own posterior-mean map.
         """
         _check_model(model)
-        factors = model._factors()
-        eye = torch.eye(model.data_dim, dtype=model.weight.dtype, device=model.weight.device)
-        weight = model._posterior(model._whiten(eye, factors.noise_tril), factors).loc.mT
-        return cls(weight, -weight @ model.bias, factors.posterior_scale_tril)
+        weight, bias = model.posterior_mean_map()
+        zero = torch.zeros(model.data_dim, dtype=model.dtype, device=model.device)
+        return cls(weight, bias, model.exact(zero).posterior.scale_tril)
 
     def _mean(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.mT + self.bias
@@ -145,6 +143,11 @@ class LinearGaussianEncoder:
         check_last_dim(x, name, self.data_dim, "the encoder's data dimension D")
         check_finite(x, name)
         return x
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, LinearGaussian):
+        raise TypeError(f"model must be a toyvae.LinearGaussian, got {type(model).__name__}")
 
 
 def _check_encoder(encoder) -> None:
@@ -195,7 +198,7 @@ def aggregate_posterior(encoder: LinearGaussianEncoder, data) -> MultivariateNor
 def aggregate_kl_to_prior(encoder: LinearGaussianEncoder, data) -> torch.Tensor:
     r"""KL(q_φ(z) ‖ N(0, I)) for Gaussian data, exactly; zero iff q_φ(z) is the prior."""
     g = _aggregate(encoder, _check_data(encoder, data))
-    return _kl(g, _standard_normal(g.loc, g.dim))
+    return _kl(g, standard_normal(g.dim, g.loc.dtype, g.loc.device))
 
 
 def elbo_surgery(encoder: LinearGaussianEncoder, data) -> Surgery:
@@ -212,7 +215,7 @@ def elbo_surgery(encoder: LinearGaussianEncoder, data) -> Surgery:
     """
     g = _check_data(encoder, data)
     conditional = Gaussian(encoder._mean(g.loc), encoder.scale_tril)
-    prior = _standard_normal(g.loc, encoder.latent_dim)
+    prior = standard_normal(encoder.latent_dim, g.loc.dtype, g.loc.device)
     spread = encoder.weight @ g.scale_tril
     average_kl = _kl(conditional, prior) + 0.5 * spread.square().sum()
     aggregate = _aggregate(encoder, g)
@@ -287,7 +290,7 @@ def empirical_elbo_surgery(
     x = _check_points(encoder, x)
     num_samples = check_count(num_samples, "num_samples", 2, " (for a standard error)")
     means = encoder._mean(x)
-    prior = _standard_normal(means, encoder.latent_dim)
+    prior = standard_normal(encoder.latent_dim, means.dtype, means.device)
     average_kl = _kl(Gaussian(means, encoder.scale_tril), prior).mean()
     eps = torch.randn(
         num_samples, *means.shape, dtype=means.dtype, device=means.device, generator=generator
@@ -322,12 +325,11 @@ def _expected_elbo(model: LinearGaussian, encoder: LinearGaussianEncoder, data: 
     # ‖Vx + c‖², both ‖A x + a‖² with A = L_Ψ⁻¹(I − WV) and A = V; under x ~ N(m, C) each adds
     # tr(A C Aᵀ) = ‖A L_C‖_F² to its value at x = m.
     at_mean = Gaussian(encoder._mean(data.loc), encoder.scale_tril)
-    prior = _standard_normal(data.loc, model.latent_dim)
-    value = _expected_log_likelihood(model, data.loc, at_mean) - _kl(at_mean, prior)
-    factors = model._factors()
+    prior = as_gaussian(model.prior(), "the model's prior")
+    value = model.expected_log_likelihood(data.loc, at_mean) - _kl(at_mean, prior)
     eye = torch.eye(model.data_dim, dtype=data.loc.dtype, device=data.loc.device)
     decoded = (eye - model.weight @ encoder.weight) @ data.scale_tril  # (I − WV) L_C
-    misfit = model._whiten(decoded.mT, factors.noise_tril)  # rows L_Ψ⁻¹ (columns of decoded)
+    misfit = model.noise.whiten_columns(decoded)  # L_Ψ⁻¹ (I − WV) L_C
     spread = encoder.weight @ data.scale_tril
     return value - 0.5 * (misfit.square().sum() + spread.square().sum())
 

@@ -34,9 +34,9 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from toyvae._checks import broadcast_batch, check_count, describe
-from toyvae.bounds import _check_inputs
-from toyvae.gaussians import Gaussian, _kl
-from toyvae.model import LinearGaussian
+from toyvae.bounds import check_inputs
+from toyvae.gaussians import Gaussian
+from toyvae.interface import ConjugateModel, batch_shape
 
 __all__ = [
     "LogWeightMoments",
@@ -65,19 +65,19 @@ def _check_method(method) -> None:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
 
 
-def _batch_shape(x: torch.Tensor, q: Gaussian) -> torch.Size:
-    return torch.Size(broadcast_batch(x=x.shape[:-1], q=q.loc.shape[:-1]))
+def _batch_shape(model: ConjugateModel, x: torch.Tensor, q: Gaussian) -> torch.Size:
+    return torch.Size(broadcast_batch(x=batch_shape(model, x), q=q.loc.shape[:-1]))
 
 
-def _standard_normal(sample_shape, x, q, generator) -> torch.Tensor:
-    shape = (*sample_shape, *_batch_shape(x, q), q.dim)
+def _standard_normal(sample_shape, model, x, q, generator) -> torch.Tensor:
+    shape = (*sample_shape, *_batch_shape(model, x, q), q.dim)
     return torch.randn(shape, generator=generator, dtype=q.loc.dtype, device=q.loc.device)
 
 
-def _check_noise(noise, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
+def _check_noise(noise, model, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
     if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point torch tensor, got {describe(noise)}")
-    batch = _batch_shape(x, q)
+    batch = _batch_shape(model, x, q)
     event = (*batch, q.dim)
     if noise.ndim < len(event) or tuple(noise.shape[noise.ndim - len(event) :]) != event:
         raise ValueError(
@@ -90,25 +90,53 @@ def _check_noise(noise, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
 # -- the structured form ----------------------------------------------------------------------
 
 
-class _Whitened(NamedTuple):
-    """q seen in the posterior's coordinates: u = S⁻¹(z − μ) = offset + scale @ ε."""
+class Whitened(NamedTuple):
+    """q seen in the exact posterior's coordinates: u = S⁻¹(z − μ) = offset + scale @ ε.
 
-    log_evidence: torch.Tensor  # log p(x), x's batch shape
-    scale: torch.Tensor  # B = S⁻¹ L, (*q batch, K, K)
-    offset: torch.Tensor  # c = S⁻¹ (m − μ), (*batch, K)
-    log_det_scale: torch.Tensor  # log det B = log det L − log det S, q's batch shape
+    Attributes
+    ----------
+    log_evidence : tensor
+        log p(x), x's batch shape.
+    scale : tensor
+        B = S⁻¹ L, (*batch, K, K), S the posterior's and L q's Cholesky factor.
+    offset : tensor
+        c = S⁻¹ (m − μ), (*batch, K).
+    log_det_scale : tensor
+        log det B = log det L − log det S.
+    kl : tensor
+        KL(q ‖ p(z|x)), from the same factors.
+    """
+
+    log_evidence: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    log_det_scale: torch.Tensor
+    kl: torch.Tensor
 
 
-def _whitened(model: LinearGaussian, x: torch.Tensor, q: Gaussian) -> _Whitened:
-    """The O(N·D·K) precomputation: log p(x) and q in the posterior's whitened coordinates."""
-    factors = model._factors()
-    posterior = model._posterior(model._whitened_residual(x, factors), factors)
-    s = factors.posterior_scale_tril
+def whitened(model: ConjugateModel, x: torch.Tensor, q: Gaussian) -> Whitened:
+    """The once-per-batch precomputation: log p(x) and q in the posterior's coordinates.
+
+    Everything the Monte Carlo estimators and their exact statistics need comes from the
+    model's :meth:`~toyvae.ConjugateModel.exact` answers; each sample then costs O(K²).
+    """
+    exact = model.exact(x)
+    posterior = exact.posterior
+    s = posterior.scale_tril
     scale = torch.linalg.solve_triangular(s, q.scale_tril, upper=False)
     diff = (q.loc - posterior.loc).unsqueeze(-1)
     offset = torch.linalg.solve_triangular(s, diff, upper=False).squeeze(-1)
-    log_det = q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - s.diagonal().log().sum()
-    return _Whitened(model.log_evidence(x), scale, offset, log_det)
+    log_det = q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - _half_log_det(s)
+    # KL(q ‖ p(z|x)) = ½[‖B‖_F² + ‖c‖² − K] − log det B: gaussian_kl's formula on the same solves.
+    kl = 0.5 * (scale.square().sum((-2, -1)) + offset.square().sum(-1) - q.dim) - log_det
+    return Whitened(exact.log_evidence, scale, offset, log_det, kl)
+
+
+def _half_log_det(scale_tril: torch.Tensor) -> torch.Tensor:
+    return scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+_whitened = whitened  # the name older code imports
 
 
 def _affine(offset: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -123,18 +151,18 @@ def _affine(offset: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor) -> tor
     return out.movedim(-2, 0).reshape(eps.shape)
 
 
-def _structured_log_weights(w: _Whitened, eps: torch.Tensor) -> torch.Tensor:
+def _structured_log_weights(w: Whitened, eps: torch.Tensor) -> torch.Tensor:
     """Equation (1), O(K²) per sample."""
     u = _affine(w.offset, w.scale, eps)
     half_gap = 0.5 * ((eps - u) * (eps + u)).sum(-1)  # ½(‖ε‖² − ‖u‖²), exact 0 when u = ε
     return w.log_evidence + w.log_det_scale + half_gap
 
 
-def _plain_log_weights(model: LinearGaussian, x: torch.Tensor, q: Gaussian, eps: torch.Tensor):
-    """log p(x|z) + log p(z) − log q(z) with torch.distributions at z = m + L ε: O(D·K) each."""
+def _plain_log_weights(model, x: torch.Tensor, q: Gaussian, eps: torch.Tensor):
+    """log p(x, z) − log q(z) from the model's conditional densities at z = m + L ε."""
     z = q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
     q_dist = MultivariateNormal(q.loc, scale_tril=q.scale_tril)
-    return model.likelihood(z).log_prob(x) + model.prior().log_prob(z) - q_dist.log_prob(z)
+    return model.log_joint(x, z) - q_dist.log_prob(z)
 
 
 def _log_weights(model, x, q: Gaussian, eps: torch.Tensor, method: str) -> torch.Tensor:
@@ -158,8 +186,10 @@ def log_weights(model, x, q, num_samples, *, generator=None, method="structured"
 
     Parameters
     ----------
-    model : LinearGaussian
+    model : ConjugateModel
+        A :class:`toyvae.LinearGaussian` or any other family of the interface.
     x : (..., D) tensor
+        Data; (..., T, D) for a state-space model.
     q : MultivariateNormal or Independent(Normal, 1)
         Event shape (K,), batch shape broadcasting with ``x.shape[:-1]``.
     num_samples : int
@@ -173,11 +203,11 @@ def log_weights(model, x, q, num_samples, *, generator=None, method="structured"
     -------
     (num_samples, *batch) tensor
     """
-    x, gq = _check_inputs(model, x, q)
+    x, gq = check_inputs(model, x, q)
     num_samples = check_count(num_samples, "num_samples")
     _check_generator(generator)
     _check_method(method)
-    eps = _standard_normal((num_samples,), x, gq, generator)
+    eps = _standard_normal((num_samples,), model, x, gq, generator)
     return _log_weights(model, x, gq, eps, method)
 
 
@@ -188,9 +218,9 @@ def log_weights_at(model, x, q, noise, *, method="structured"):
     ``x.shape[:-1]`` with q's batch shape. Use it for common random numbers across methods, or
     with :func:`gauss_hermite_noise` nodes for exact expectations of polynomials in ε.
     """
-    x, gq = _check_inputs(model, x, q)
+    x, gq = check_inputs(model, x, q)
     _check_method(method)
-    eps = _check_noise(noise, x, gq)
+    eps = _check_noise(noise, model, x, gq)
     return _log_weights(model, x, gq, eps, method)
 
 
@@ -216,12 +246,12 @@ def iwae_estimates(model, x, q, k, num_estimates, *, generator=None, method="str
 
     Vectorised: one (num_estimates, k, *batch) array of log weights, no Python loop.
     """
-    x, gq = _check_inputs(model, x, q)
+    x, gq = check_inputs(model, x, q)
     k = check_count(k, "k")
     num_estimates = check_count(num_estimates, "num_estimates")
     _check_generator(generator)
     _check_method(method)
-    eps = _standard_normal((num_estimates, k), x, gq, generator)
+    eps = _standard_normal((num_estimates, k), model, x, gq, generator)
     return _log_mean_exp(_log_weights(model, x, gq, eps, method), 1)
 
 
@@ -248,18 +278,16 @@ def log_weight_moments(model, x, q) -> LogWeightMoments:
     (E εᵀAε = tr A, Var(εᵀAε + bᵀε) = 2 tr A² + ‖b‖²). The variance is zero exactly when
     B is orthogonal and c = 0, i.e. q = p(z|x).
     """
-    x, gq = _check_inputs(model, x, q)
-    w = _whitened(model, x, gq)
-    factors = model._factors()
-    posterior = model._posterior(model._whitened_residual(x, factors), factors)
-    mean = w.log_evidence - _kl(gq, posterior)
+    x, gq = check_inputs(model, x, q)
+    w = whitened(model, x, gq)
+    mean = w.log_evidence - w.kl
     eye = torch.eye(gq.dim, dtype=gq.loc.dtype, device=gq.loc.device)
     spread = (eye - w.scale.mT @ w.scale).square().sum((-2, -1))
     shift = (w.offset.unsqueeze(-2) @ w.scale).squeeze(-2).square().sum(-1)
     return LogWeightMoments(mean, 0.5 * spread + shift)
 
 
-def _log_second_moment(w: _Whitened) -> torch.Tensor:
+def _log_second_moment(w: Whitened) -> torch.Tensor:
     """log E_q[(w/p(x))²], +inf where M = 2BᵀB − I is not positive definite."""
     btb = w.scale.mT @ w.scale
     eye = torch.eye(btb.shape[-1], dtype=btb.dtype, device=btb.device)
@@ -291,8 +319,8 @@ def chi_square_divergence(model, x, q) -> torch.Tensor:
     The integral is finite iff M ≻ 0, i.e. 2Λ − Σ_q⁻¹ ≻ 0: q must not be much narrower than
     the posterior in any direction. Where it is not, the result is ``inf`` (never NaN).
     """
-    x, gq = _check_inputs(model, x, q)
-    return torch.expm1(_log_second_moment(_whitened(model, x, gq)))
+    x, gq = check_inputs(model, x, q)
+    return torch.expm1(_log_second_moment(whitened(model, x, gq)))
 
 
 def iwae_first_order_bias(model, x, q, k) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 from toyvae._checks import broadcast_batch, check_finite, check_positive, describe
 
-__all__ = ["Gaussian", "as_gaussian", "entropy", "gaussian_kl"]
+__all__ = ["Gaussian", "as_gaussian", "entropy", "gaussian_kl", "standard_normal"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -37,6 +37,12 @@ class Gaussian(NamedTuple):
 
     def covariance(self) -> torch.Tensor:
         return self.scale_tril @ self.scale_tril.mT
+
+
+def standard_normal(dim: int, dtype: torch.dtype, device=None) -> Gaussian:
+    """N(0, I_dim) in canonical form."""
+    eye = torch.eye(dim, dtype=dtype, device=device)
+    return Gaussian(torch.zeros_like(eye[0]), eye)
 
 
 def as_gaussian(q, name: str = "q", *, dim: int | None = None) -> Gaussian:

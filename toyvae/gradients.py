@@ -26,16 +26,17 @@ from typing import NamedTuple
 import torch
 
 from toyvae._checks import broadcast_batch, check_count
-from toyvae.bounds import _check_inputs
+from toyvae.bounds import check_inputs
 from toyvae.estimators import (
     _affine,
     _check_generator,
     _check_noise,
     _standard_normal,
     _structured_log_weights,
-    _whitened,
+    whitened,
 )
 from toyvae.gaussians import Gaussian
+from toyvae.interface import batch_shape
 from toyvae.stats import gauss_hermite_noise
 
 __all__ = [
@@ -70,14 +71,14 @@ def _log_det(g: Gaussian) -> torch.Tensor:
 
 def _surrogate(model, x, q: Gaussian, eps: torch.Tensor, estimator: str) -> torch.Tensor:
     if estimator == "reparameterization":
-        return _structured_log_weights(_whitened(model, x, q), eps)
+        return _structured_log_weights(whitened(model, x, q), eps)
     # log p(x, z) = log p(x) + log p(z|x) (Bayes), so every density below is a K-dim Gaussian
     # evaluated in O(K²) per sample; the 2π constants cancel between p(z|x) and q(z).
-    factors = model._factors()
-    posterior = model._posterior(model._whitened_residual(x, factors), factors)
+    exact = model.exact(x)
+    posterior = exact.posterior
     frozen = Gaussian(q.loc.detach(), q.scale_tril.detach())
     source, density = (q, frozen) if estimator == "path_derivative" else (frozen, q)
-    log_joint = model.log_evidence(x) - _log_det(posterior)
+    log_joint = exact.log_evidence - _log_det(posterior)
     log_joint = log_joint - 0.5 * _standardised(posterior, source, eps).square().sum(-1)
     log_q = -_log_det(density) - 0.5 * _standardised(density, source, eps).square().sum(-1)
     if estimator == "path_derivative":
@@ -95,9 +96,9 @@ def elbo_surrogate_at(model, x, q, noise, *, estimator="reparameterization"):
     ``noise`` has shape (*sample_shape, *batch, K); the result has shape (*sample_shape,
     *batch).
     """
-    x, gq = _check_inputs(model, x, q)
+    x, gq = check_inputs(model, x, q)
     _check_estimator(estimator)
-    return _surrogate(model, x, gq, _check_noise(noise, x, gq), estimator)
+    return _surrogate(model, x, gq, _check_noise(noise, model, x, gq), estimator)
 
 
 def elbo_surrogate(model, x, q, num_samples, *, estimator="reparameterization", generator=None):
@@ -121,11 +122,11 @@ def elbo_surrogate(model, x, q, num_samples, *, estimator="reparameterization", 
     estimator : {"reparameterization", "path_derivative", "score_function"}
     generator : torch.Generator, optional
     """
-    x, gq = _check_inputs(model, x, q)
+    x, gq = check_inputs(model, x, q)
     num_samples = check_count(num_samples, "num_samples")
     _check_estimator(estimator)
     _check_generator(generator)
-    eps = _standard_normal((num_samples,), x, gq, generator)
+    eps = _standard_normal((num_samples,), model, x, gq, generator)
     return _surrogate(model, x, gq, eps, estimator)
 
 
@@ -173,11 +174,11 @@ def gradient_estimator_moments(model, x, q, inputs, *, estimator="reparameteriza
     for a batch this is the estimator with common noise; for one x it is the estimator itself.
     ``inputs`` are the tensors to differentiate (q's or the model's parameters).
     """
-    x, gq = _check_inputs(model, x, q)
+    x, gq = check_inputs(model, x, q)
     _check_estimator(estimator)
     inputs = tuple(inputs)
     nodes, weights = gauss_hermite_noise(gq.dim, 5, dtype=gq.loc.dtype, device=gq.loc.device)
-    batch = torch.Size(broadcast_batch(x=x.shape[:-1], q=gq.loc.shape[:-1]))
+    batch = torch.Size(broadcast_batch(x=batch_shape(model, x), q=gq.loc.shape[:-1]))
     eps = nodes.reshape(-1, *([1] * len(batch)), gq.dim).expand(-1, *batch, gq.dim)
     draws = gradient_draws(_surrogate(model, x, gq, eps, estimator), inputs)
     means, variances = [], []

@@ -27,8 +27,8 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 from tqdm.auto import tqdm
 
 from toyvae._checks import as_tensor, check_finite, check_ndim, check_positive, describe
-from toyvae.aggregate import LinearGaussianEncoder
-from toyvae.bounds import _check_inputs, _check_model, elbo
+from toyvae.aggregate import LinearGaussianEncoder, _check_model
+from toyvae.bounds import _check_inputs, elbo
 from toyvae.model import LinearGaussian
 
 __all__ = [
@@ -62,10 +62,8 @@ def best_mean_field(model: LinearGaussian, x) -> Independent:
     The gap it leaves, KL(q* ‖ p(z|x)) = ½[Σ log Λ_ii − log det Λ], does not depend on x.
     """
     _check_model(model)
-    x = model._check_x(x)
-    factors = model._factors()
-    loc = model._posterior(model._whitened_residual(x, factors), factors).loc
-    scale = (1 + factors.gram.diagonal()).rsqrt()
+    loc = model.posterior(x).loc
+    scale = model.posterior_precision().diagonal().rsqrt()
     return Independent(Normal(loc, scale.expand_as(loc)), 1)
 
 

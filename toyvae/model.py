@@ -1,12 +1,13 @@
-r"""The linear-Gaussian model p(z) = N(0, I), p(x|z) = N(Wz + b, Ψ): exact evidence and posterior.
+r"""The linear-Gaussian model p(z) = N(m₀, P₀), p(x|z) = N(Wz + b, Ψ): exact evidence and posterior.
 
-Everything is computed in *whitened* coordinates: with Ψ = L_Ψ L_Ψᵀ, write
-Ã = L_Ψ⁻¹ W and r̃ = L_Ψ⁻¹ (x − b). Then the posterior precision is Λ = I_K + ÃᵀÃ (a K×K
-matrix that does not depend on x), the posterior mean is μ = Λ⁻¹ Ãᵀ r̃, and by completing the
-square
+Everything is computed in *whitened* coordinates. With the prior z = m₀ + L₀ u, u ~ N(0, I)
+(P₀ = L₀L₀ᵀ; by default m₀ = 0, L₀ = I) and Ψ = L_Ψ L_Ψᵀ, write Ã = L_Ψ⁻¹ W L₀ and
+r̃ = L_Ψ⁻¹ (x − b − W m₀). Then the posterior precision of u is Λ = I_K + ÃᵀÃ (a K×K matrix
+that does not depend on x), its posterior mean is μ = Λ⁻¹ Ãᵀ r̃, and by completing the square
 
     log p(x) = −½ [D log 2π + log det Ψ + log det Λ + ‖r̃ − Ã μ‖² + ‖μ‖²].
 
+The posterior of z is N(m₀ + L₀ μ, L₀ Λ⁻¹ L₀ᵀ), with Cholesky factor L₀ S for S Sᵀ = Λ⁻¹.
 For isotropic or diagonal Ψ, L_Ψ is a vector of square roots, so no D×D matrix is ever formed:
 the cost is O(N·D·K + D·K² + K³).
 """
@@ -20,7 +21,6 @@ from torch.distributions import (
     Independent,
     LowRankMultivariateNormal,
     MultivariateNormal,
-    Normal,
 )
 
 from toyvae._checks import (
@@ -28,12 +28,12 @@ from toyvae._checks import (
     check_affine_map,
     check_finite,
     check_last_dim,
-    check_positive,
-    check_symmetric,
-    cholesky,
     describe,
 )
-from toyvae.gaussians import LOG_2PI, Gaussian
+from toyvae._frozen import Frozen
+from toyvae.gaussians import LOG_2PI, Gaussian, as_gaussian, standard_normal
+from toyvae.interface import Exact
+from toyvae.noise import noise_covariance
 
 __all__ = ["LinearGaussian"]
 
@@ -46,22 +46,24 @@ _BLOCK_ELEMENTS = 2**17
 class _Factors(NamedTuple):
     """The x-independent quantities every exact computation needs, computed once per call."""
 
-    noise_tril: torch.Tensor  # L_Ψ; for isotropic or diagonal Ψ, the standard deviations
-    whitened_weight: torch.Tensor  # Ã = L_Ψ⁻¹ W, (D, K)
-    gram: torch.Tensor  # G = ÃᵀÃ, (K, K); the posterior precision is I + G
+    whitened_weight: torch.Tensor  # Ã = L_Ψ⁻¹ W L₀, (D, K)
+    gram: torch.Tensor  # G = ÃᵀÃ, (K, K); the posterior precision of u is I + G
     posterior_scale_tril: torch.Tensor  # lower S with S Sᵀ = (I + G)⁻¹
     noise_log_det: torch.Tensor  # log det Ψ
+    bias: torch.Tensor  # b + W m₀: the mean of x
 
     def log_det_precision(self) -> torch.Tensor:
-        """log det Λ = −log det Σ_post = −2 Σ log S_ii."""
+        """log det Λ = −log det Σ_u = −2 Σ log S_ii."""
         return -2 * self.posterior_scale_tril.diagonal().log().sum()
 
 
-class LinearGaussian:
+class LinearGaussian(Frozen):
     r"""Linear-Gaussian latent variable model (probabilistic PCA, factor analysis).
 
     .. math::
-        p(z) = \mathcal N(0, I_K), \qquad p_\theta(x\mid z) = \mathcal N(Wz + b, \Psi)
+        p(z) = \mathcal N(m_0, P_0), \qquad p_\theta(x\mid z) = \mathcal N(Wz + b, \Psi)
+
+    with the standard prior m₀ = 0, P₀ = I_K unless ``prior`` is given.
 
     Parameters
     ----------
@@ -72,170 +74,218 @@ class LinearGaussian:
     noise_variance : float, 0-d, (D,) or (D, D) tensor or array
         Noise **variance** Ψ: a scalar σ² (isotropic, probabilistic PCA), a vector of
         variances (diagonal, factor analysis) or a full symmetric positive-definite covariance.
+    prior : MultivariateNormal, optional
+        A Gaussian prior p(z) with event shape (K,) and no batch shape; N(0, I_K) when ``None``.
 
-    Parameters may require grad; every method is differentiable in them. Nothing is cached,
-    so in-place parameter updates are always seen.
+    The model is immutable: its attributes cannot be reassigned, and a parameter tensor
+    modified in place after construction (an optimizer step, an edit of Ψ's upper triangle)
+    makes every later call raise ``RuntimeError`` instead of silently computing with stale or
+    inconsistent values. Build a new model from the updated parameters (cheap: nothing is
+    factored at construction but for validation). Parameters may require grad; every method
+    is differentiable in them, including through a dtype conversion.
     """
 
-    def __init__(self, weight, bias=None, noise_variance=1.0):
+    def __init__(self, weight, bias=None, noise_variance=1.0, *, prior=None):
+        given = {"weight": weight, "bias": bias, "noise_variance": noise_variance}
         weight, bias = check_affine_map(weight, bias, "D", "K")
-        d = weight.shape[0]
-
-        noise = as_tensor(noise_variance, "noise_variance", like=weight)
-        check_finite(noise, "noise_variance")
-        if noise.ndim == 0:
-            kind = "isotropic"
-        elif noise.shape == (d,):
-            kind = "diagonal"
-        elif noise.shape == (d, d):
-            kind = "full"
+        d, k = weight.shape
+        noise = noise_covariance(as_tensor(noise_variance, "noise_variance", like=weight), d)
+        if prior is None:
+            prior_loc = prior_tril = None
         else:
-            raise ValueError(
-                f"noise_variance must be a scalar, a ({d},) vector of variances or a ({d}, {d}) "
-                f"covariance matrix, got {describe(noise)}"
-            )
-        if kind == "full":
-            check_symmetric(noise, "noise_variance")
-            cholesky(noise, "noise_variance")
-        else:
-            check_positive(noise, "noise_variance")
-
-        self.weight = weight
-        self.bias = bias
-        self.noise_variance = noise
-        self.noise_kind = kind
+            prior_loc, prior_tril = _check_prior(prior, k, weight)
+            given["prior.loc"], given["prior.scale_tril"] = prior.loc, prior.scale_tril
+        self._freeze(
+            given,
+            weight=weight,
+            bias=bias,
+            noise=noise,
+            prior_loc=prior_loc,
+            prior_tril=prior_tril,
+        )
 
     def __repr__(self) -> str:
+        prior = "" if self._prior_tril is None else ", prior=Gaussian"
         return (
             f"LinearGaussian(data_dim={self.data_dim}, latent_dim={self.latent_dim}, "
-            f"noise={self.noise_kind}, dtype={self.weight.dtype})"
+            f"noise={self.noise_kind}{prior}, dtype={self.dtype})"
         )
+
+    # -- attributes ---------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W, (D, K)."""
+        return self._weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """b, (D,)."""
+        return self._bias
+
+    @property
+    def noise(self):
+        """Ψ as a noise object (:mod:`toyvae.noise`): isotropic, diagonal or full."""
+        return self._noise
+
+    @property
+    def noise_variance(self) -> torch.Tensor:
+        """Ψ as given: 0-d, (D,) or (D, D), in the model's dtype."""
+        return self._noise.variance
+
+    @property
+    def noise_kind(self) -> str:
+        """``"isotropic"``, ``"diagonal"`` or ``"full"``."""
+        return self._noise.kind
 
     @property
     def data_dim(self) -> int:
         """D, the dimension of x."""
-        return self.weight.shape[0]
+        return self._weight.shape[0]
 
     @property
     def latent_dim(self) -> int:
         """K, the dimension of z."""
-        return self.weight.shape[1]
+        return self._weight.shape[1]
 
-    # -- noise in whitened form ---------------------------------------------------------------
+    @property
+    def data_event_shape(self) -> torch.Size:
+        """(D,): one observation is a vector."""
+        return torch.Size([self.data_dim])
 
-    def _noise_tril(self) -> torch.Tensor:
-        """L_Ψ for full Ψ; for isotropic or diagonal Ψ, the vector of standard deviations."""
-        if self.noise_kind == "full":
-            return torch.linalg.cholesky(self.noise_variance)
-        return self.noise_variance.sqrt()
+    @property
+    def term_count(self) -> int:
+        """D + K: the number of terms in each exact quantity's sums (for tolerances)."""
+        return self.data_dim + self.latent_dim
 
-    def _noise_log_det(self, noise_tril: torch.Tensor) -> torch.Tensor:
-        """log det Ψ = 2 Σ log diag L_Ψ."""
-        diagonal = noise_tril.diagonal() if self.noise_kind == "full" else noise_tril
-        return 2 * diagonal.log().expand(self.data_dim).sum()
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._weight.dtype
 
-    def _whiten(self, v: torch.Tensor, noise_tril: torch.Tensor) -> torch.Tensor:
-        """L_Ψ⁻¹ v, applied to the last axis of v (..., D)."""
-        if self.noise_kind != "full":
-            return v / noise_tril
-        rows = v.reshape(-1, v.shape[-1])
-        solved = torch.linalg.solve_triangular(noise_tril, rows.mT, upper=False)
-        return solved.mT.reshape(v.shape)
+    @property
+    def device(self) -> torch.device:
+        return self._weight.device
 
-    def _factors(self) -> _Factors:
-        noise_tril = self._noise_tril()
-        if self.noise_kind == "full":
-            whitened = self._whiten(self.weight.mT, noise_tril).mT
-        else:
-            whitened = self.weight / noise_tril.unsqueeze(-1)
-        gram = whitened.mT @ whitened
-        precision = gram + torch.eye(self.latent_dim, dtype=gram.dtype, device=gram.device)
-        return _Factors(
-            noise_tril,
-            whitened,
-            gram,
-            _inverse_cholesky(precision),
-            self._noise_log_det(noise_tril),
+    # -- the prior ----------------------------------------------------------------------------
+
+    def _prior(self) -> Gaussian:
+        if self._prior_tril is None:
+            return standard_normal(self.latent_dim, self.dtype, self.device)
+        return Gaussian(self._prior_loc, self._prior_tril)
+
+    def prior(self) -> MultivariateNormal:
+        """p(z): N(0, I_K), or the Gaussian prior given at construction."""
+        self._verify()
+        p = self._prior()
+        return MultivariateNormal(p.loc, scale_tril=p.scale_tril)
+
+    def _standardise(self, z: torch.Tensor) -> torch.Tensor:
+        """u = L₀⁻¹ (z − m₀) for z (..., K)."""
+        if self._prior_tril is None:
+            return z
+        return _solve_rows(self._prior_tril, z - self._prior_loc)
+
+    def _destandardise(self, u: Gaussian) -> Gaussian:
+        """N(m₀ + L₀ μ_u, L₀ S_u S_uᵀ L₀ᵀ) from N(μ_u, S_u S_uᵀ); L₀ S_u stays lower triangular."""
+        if self._prior_tril is None:
+            return u
+        return Gaussian(
+            self._prior_loc + u.loc @ self._prior_tril.mT, self._prior_tril @ u.scale_tril
         )
-
-    def _whitened_residual(self, x: torch.Tensor, factors: _Factors) -> torch.Tensor:
-        """r̃ = L_Ψ⁻¹ (x − b)."""
-        return self._whiten(x - self.bias, factors.noise_tril)
 
     # -- input checks -------------------------------------------------------------------------
 
-    def _check_x(self, x, name: str = "x") -> torch.Tensor:
-        x = as_tensor(x, name, like=self.weight)
+    def check_data(self, x, name: str = "x") -> torch.Tensor:
+        """x as a finite (..., D) tensor in the model's dtype, or ``ValueError``/``TypeError``."""
+        x = as_tensor(x, name, like=self._weight)
         check_last_dim(x, name, self.data_dim, "the model's data dimension D")
         check_finite(x, name)
         return x
 
+    _check_x = check_data
+
     def _check_z(self, z, name: str = "z") -> torch.Tensor:
-        z = as_tensor(z, name, like=self.weight)
+        z = as_tensor(z, name, like=self._weight)
         check_last_dim(z, name, self.latent_dim, "the model's latent dimension K")
         check_finite(z, name)
         return z
 
-    # -- distributions ------------------------------------------------------------------------
+    # -- factors ------------------------------------------------------------------------------
 
-    def prior(self) -> MultivariateNormal:
-        """p(z) = N(0, I_K)."""
-        eye = torch.eye(self.latent_dim, dtype=self.weight.dtype, device=self.weight.device)
-        return MultivariateNormal(torch.zeros_like(eye[0]), scale_tril=eye)
+    def _factors(self) -> _Factors:
+        self._verify()
+        weight, bias = self._weight, self._bias
+        if self._prior_tril is not None:
+            bias = bias + weight @ self._prior_loc
+            weight = weight @ self._prior_tril
+        whitened = self._noise.whiten_columns(weight)
+        gram = whitened.mT @ whitened
+        precision = gram + torch.eye(self.latent_dim, dtype=gram.dtype, device=gram.device)
+        return _Factors(whitened, gram, _inverse_cholesky(precision), self._noise.log_det(), bias)
+
+    def _posterior_u(self, x: torch.Tensor, factors: _Factors) -> tuple[torch.Tensor, Gaussian]:
+        """The whitened residual r̃ and the posterior of u, N(S Sᵀ Ãᵀ r̃, S Sᵀ), for rows x."""
+        residual = self._noise.whiten(x - factors.bias)
+        s = factors.posterior_scale_tril
+        mean = ((residual @ factors.whitened_weight) @ s) @ s.mT
+        return residual, Gaussian(mean, s.expand(*mean.shape, self.latent_dim))
+
+    # -- distributions ------------------------------------------------------------------------
 
     def likelihood(self, z) -> Independent | MultivariateNormal:
         """p(x|z) = N(Wz + b, Ψ), batch shape ``z.shape[:-1]``."""
+        self._verify()
         z = self._check_z(z)
-        loc = z @ self.weight.mT + self.bias
-        if self.noise_kind == "full":
-            return MultivariateNormal(loc, scale_tril=torch.linalg.cholesky(self.noise_variance))
-        scale = self.noise_variance.sqrt().expand(self.data_dim)
-        return Independent(Normal(loc, scale.expand_as(loc)), 1)
+        return self._noise.distribution(z @ self._weight.mT + self._bias)
 
     def marginal(self) -> LowRankMultivariateNormal | MultivariateNormal:
-        """p(x) = N(b, WWᵀ + Ψ): low-rank plus diagonal, or dense for full Ψ."""
+        """p(x) = N(b + W m₀, W P₀ Wᵀ + Ψ): low-rank plus diagonal, or dense for full Ψ."""
+        self._verify()
+        weight, bias = self._weight, self._bias
+        if self._prior_tril is not None:
+            bias = bias + weight @ self._prior_loc
+            weight = weight @ self._prior_tril
         if self.noise_kind == "full":
             return MultivariateNormal(
-                self.bias, covariance_matrix=self.weight @ self.weight.mT + self.noise_variance
+                bias, covariance_matrix=weight @ weight.mT + self._noise.variance
             )
-        diag = self.noise_variance.expand(self.data_dim)
-        return LowRankMultivariateNormal(self.bias, cov_factor=self.weight, cov_diag=diag)
+        diag = self._noise.variance.expand(self.data_dim)
+        return LowRankMultivariateNormal(bias, cov_factor=weight, cov_diag=diag)
 
     # -- exact quantities ---------------------------------------------------------------------
-
-    def _posterior(self, residual: torch.Tensor, factors: _Factors) -> Gaussian:
-        """N(μ, S Sᵀ) with μ = S Sᵀ Ãᵀ r̃, from the whitened residual r̃."""
-        s = factors.posterior_scale_tril
-        mean = ((residual @ factors.whitened_weight) @ s) @ s.mT
-        return Gaussian(mean, s.expand(*mean.shape, self.latent_dim))
 
     def posterior(self, x) -> MultivariateNormal:
         r"""The exact posterior p(z|x) = N(μ(x), Σ), batch shape ``x.shape[:-1]``.
 
         .. math::
-            \Sigma = (I_K + W^\top\Psi^{-1}W)^{-1}, \qquad
-            \mu(x) = \Sigma W^\top \Psi^{-1}(x - b)
+            \Sigma = (P_0^{-1} + W^\top\Psi^{-1}W)^{-1}, \qquad
+            \mu(x) = m_0 + \Sigma W^\top \Psi^{-1}(x - b - W m_0)
 
         Σ does not depend on x; it is factored once per call.
         """
-        x = self._check_x(x)
-        factors = self._factors()
-        post = self._posterior(self._whitened_residual(x, factors), factors)
+        post = self.exact(self.check_data(x)).posterior
         return MultivariateNormal(post.loc, scale_tril=post.scale_tril)
 
+    def exact(self, x: torch.Tensor) -> Exact:
+        """log p(x) and p(z|x) for a checked x (the :class:`toyvae.ConjugateModel` method)."""
+        factors = self._factors()
+        _, post = self._posterior_u(x, factors)
+        return Exact(self._log_evidence(x, factors), self._destandardise(post))
+
     def log_evidence(self, x) -> torch.Tensor:
-        r"""log p_θ(x) = log N(x; b, WWᵀ + Ψ), shape ``x.shape[:-1]``.
+        r"""log p_θ(x) = log N(x; b + W m₀, W P₀ Wᵀ + Ψ), shape ``x.shape[:-1]``.
 
         .. math::
             \log p(x) = -\tfrac12\big[D\log 2\pi + \log\det\Psi + \log\det\Lambda
                 + \lVert\tilde r - \tilde W\mu\rVert^2 + \lVert\mu\rVert^2\big]
 
-        with Λ = I + W̃ᵀW̃, W̃ = L_Ψ⁻¹W, r̃ = L_Ψ⁻¹(x − b), μ the posterior mean. The two squared
-        norms are the quadratic form (x−b)ᵀ(WWᵀ+Ψ)⁻¹(x−b) written as a sum of non-negative
-        terms (completing the square), so no cancellation occurs.
+        with Λ = I + W̃ᵀW̃, W̃ = L_Ψ⁻¹WL₀, r̃ = L_Ψ⁻¹(x − b − Wm₀), μ the posterior mean of
+        u = L₀⁻¹(z − m₀). The two squared norms are the quadratic form of the marginal written as
+        a sum of non-negative terms (completing the square), so no cancellation occurs.
         """
-        x = self._check_x(x)
-        factors = self._factors()
+        return self._log_evidence(self.check_data(x), self._factors())
+
+    def _log_evidence(self, x: torch.Tensor, factors: _Factors) -> torch.Tensor:
         rows = x.reshape(-1, self.data_dim)
         # Blocks of about _BLOCK_ELEMENTS entries: each block's (B, D) temporaries stay in cache
         # and are recycled by the allocator. Whole (N, D) temporaries cost more in fresh pages
@@ -246,40 +296,112 @@ class LinearGaussian:
         return -0.5 * (constant + quadratic.reshape(x.shape[:-1]))
 
     def _quadratic(self, x: torch.Tensor, factors: _Factors) -> torch.Tensor:
-        """(x−b)ᵀ(WWᵀ+Ψ)⁻¹(x−b) = ‖r̃ − W̃μ‖² + ‖μ‖² for rows x (B, D), by completing the square."""
-        residual = self._whitened_residual(x, factors)
-        mean = self._posterior(residual, factors).loc
+        """The marginal's quadratic form = ‖r̃ − W̃μ‖² + ‖μ‖² for rows x (B, D)."""
+        residual, post = self._posterior_u(x, factors)
         # r̃ − μ W̃ᵀ in one fused product-and-add.
-        misfit = torch.addmm(residual, mean, factors.whitened_weight.mT, alpha=-1)
-        return misfit.square().sum(-1) + mean.square().sum(-1)
+        misfit = torch.addmm(residual, post.loc, factors.whitened_weight.mT, alpha=-1)
+        return misfit.square().sum(-1) + post.loc.square().sum(-1)
+
+    def expected_log_likelihood(self, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
+        r"""E_q log p(x|z) for a checked x and canonical q (the interface method).
+
+        .. math::
+            -\tfrac12\big[D\log 2\pi + \log\det\Psi + \lVert L_\Psi^{-1}(x - b - Wm)\rVert^2
+                + \operatorname{tr}(W^\top\Psi^{-1}W\,S)\big],\qquad q = \mathcal N(m, S)
+
+        Computed from W directly, not from the posterior: the ELBO's own route.
+        """
+        self._verify()
+        whitened = self._noise.whiten_columns(self._weight)
+        misfit = self._noise.whiten(x - self._bias) - q.loc @ whitened.mT
+        # tr(G S): the spread of q seen through the whitened decoder; O(K²) per batch element.
+        spread = ((whitened.mT @ whitened) * q.covariance()).sum((-2, -1))
+        constant = self.data_dim * LOG_2PI + self._noise.log_det()
+        return -0.5 * (constant + misfit.square().sum(-1) + spread)
 
     def log_joint(self, x, z) -> torch.Tensor:
         """log p_θ(x, z) = log p_θ(x|z) + log p(z), broadcasting x (..., D) with z (..., K)."""
-        x = self._check_x(x)
+        self._verify()
+        x = self.check_data(x)
         z = self._check_z(z)
-        return self._log_likelihood(x, z) + self._log_prior(z)
-
-    def _log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        noise_tril = self._noise_tril()
-        residual = self._whiten(x - self.bias - z @ self.weight.mT, noise_tril)
-        constant = self.data_dim * LOG_2PI + self._noise_log_det(noise_tril)
-        return -0.5 * (constant + residual.square().sum(-1))
+        residual = self._noise.whiten(x - self._bias - z @ self._weight.mT)
+        log_likelihood = -0.5 * (
+            self.data_dim * LOG_2PI + self._noise.log_det() + residual.square().sum(-1)
+        )
+        return log_likelihood + self._log_prior(z)
 
     def _log_prior(self, z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (self.latent_dim * LOG_2PI + z.square().sum(-1))
+        u = self._standardise(z)
+        log_det = 0.0 if self._prior_tril is None else self._prior().log_det_cov()
+        return -0.5 * (self.latent_dim * LOG_2PI + log_det + u.square().sum(-1))
+
+    def posterior_precision(self) -> torch.Tensor:
+        """Λ_z = P₀⁻¹ + WᵀΨ⁻¹W, the posterior precision of z (K, K); x-independent."""
+        factors = self._factors()
+        eye = torch.eye(self.latent_dim, dtype=self.dtype, device=self.device)
+        precision = eye + factors.gram
+        if self._prior_tril is None:
+            return precision
+        # Λ_z = L₀⁻ᵀ Λ_u L₀⁻¹.
+        inverse = torch.linalg.solve_triangular(self._prior_tril, eye, upper=False)
+        return inverse.mT @ precision @ inverse
+
+    def posterior_mean_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, c) with the posterior mean μ(x) = V x + c: V = Σ WᵀΨ⁻¹ (K, D), c = μ(0)."""
+        factors = self._factors()
+        eye = torch.eye(self.data_dim, dtype=self.dtype, device=self.device)
+        # Rows of L_Ψ⁻¹ (columns of the whitened identity) through the posterior-mean map of u.
+        s = factors.posterior_scale_tril
+        rows = self._noise.whiten_columns(eye).mT
+        weight = (((rows @ factors.whitened_weight) @ s) @ s.mT).mT
+        if self._prior_tril is not None:
+            weight = self._prior_tril @ weight
+            return weight, self._prior_loc - weight @ factors.bias
+        return weight, -weight @ factors.bias
 
     def sample(self, sample_shape=(), generator: torch.Generator | None = None):
-        """Draw ``(x, z)`` from the joint: z ~ N(0, I), x = Wz + b + L_Ψ ε with ε ~ N(0, I).
+        """Draw ``(x, z)`` from the joint: z ~ p(z), x = Wz + b + L_Ψ ε with ε ~ N(0, I).
 
-        ``x`` has shape ``(*sample_shape, D)`` and ``z`` shape ``(*sample_shape, K)``.
+        ``x`` has shape ``(*sample_shape, D)`` and ``z`` shape ``(*sample_shape, K)``;
+        ``sample_shape`` may be an int, as in torch.
         """
-        shape = torch.Size(sample_shape)
-        options = {"dtype": self.weight.dtype, "device": self.weight.device, "generator": generator}
-        z = torch.randn(*shape, self.latent_dim, **options)
+        self._verify()
+        shape = torch.Size([sample_shape] if isinstance(sample_shape, int) else sample_shape)
+        options = {"dtype": self.dtype, "device": self.device, "generator": generator}
+        u = torch.randn(*shape, self.latent_dim, **options)
         eps = torch.randn(*shape, self.data_dim, **options)
-        noise_tril = self._noise_tril()
-        noise = eps @ noise_tril.mT if self.noise_kind == "full" else eps * noise_tril
-        return z @ self.weight.mT + self.bias + noise, z
+        prior = self._prior()
+        z = u if self._prior_tril is None else prior.loc + u @ prior.scale_tril.mT
+        return z @ self._weight.mT + self._bias + self._noise.color(eps), z
+
+    # -- tolerances ---------------------------------------------------------------------------
+
+    def magnitude(self, x: torch.Tensor, q: Gaussian | None = None, *, z=None) -> torch.Tensor:
+        """M, the sum of |terms| of log p(x) (and of ELBO(q), KL, log p(x, z)): see
+        :func:`toyvae.tolerances.magnitude`. Textbook formulas, in the prior's standard
+        coordinates u = L₀⁻¹(z − m₀)."""
+        return _magnitude(self, x, q, z)
+
+
+def _check_prior(prior, k: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(prior, MultivariateNormal):
+        raise TypeError(
+            f"prior must be a torch.distributions.MultivariateNormal or None, got {describe(prior)}"
+        )
+    if prior.event_shape != (k,) or prior.batch_shape != ():
+        raise ValueError(
+            f"prior must have event shape ({k},) (the latent dimension K of weight) and no "
+            f"batch shape, got event shape {tuple(prior.event_shape)} and batch shape "
+            f"{tuple(prior.batch_shape)}"
+        )
+    g = as_gaussian(prior, "prior", dim=k)
+    return g.loc.to(like.dtype), g.scale_tril.to(like.dtype)
+
+
+def _solve_rows(tril: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """L⁻¹ v for each row v of rows (..., K)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    return torch.linalg.solve_triangular(tril, flat.mT, upper=False).mT.reshape(rows.shape)
 
 
 def _inverse_cholesky(precision: torch.Tensor) -> torch.Tensor:
@@ -292,3 +414,71 @@ def _inverse_cholesky(precision: torch.Tensor) -> torch.Tensor:
     upper = flipped.flip(-2, -1)
     eye = torch.eye(precision.shape[-1], dtype=precision.dtype, device=precision.device)
     return torch.linalg.solve_triangular(upper.mT, eye, upper=False)
+
+
+def _magnitude(model: LinearGaussian, x: torch.Tensor, q: Gaussian | None, z) -> torch.Tensor:
+    """M by textbook dense linear algebra (elementwise for a scalar or diagonal Ψ)."""
+    noise = model.noise
+    weight, bias = model.weight.detach(), model.bias.detach()
+    prior = model._prior()
+    m0, l0 = prior.loc.detach(), prior.scale_tril.detach()
+    # Standard coordinates u = L₀⁻¹(z − m₀): the model is W L₀, b + W m₀ with prior N(0, I).
+    bias = bias + weight @ m0
+    weight = weight @ l0
+    eigenvalues = noise.eigenvalues()
+    if noise.kind == "full":
+        inverse = torch.linalg.inv(noise.variance.detach())
+
+        def quadratic(v):
+            return ((v @ inverse) * v).sum(-1)
+
+        gram = weight.mT @ inverse @ weight
+    else:
+        # A scalar or diagonal Ψ is never expanded to D×D: D may be in the thousands.
+        inverse = 1 / eigenvalues
+
+        def quadratic(v):
+            return (v.square() * inverse).sum(-1)
+
+        gram = (weight * inverse.unsqueeze(-1)).mT @ weight
+    k = model.latent_dim
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    residual = x.detach() - bias
+    whitened_norm = quadratic(residual)
+    prior_log_det = prior.log_det_cov().detach().abs()
+    total = (
+        model.data_dim * LOG_2PI
+        + eigenvalues.log().abs().sum()
+        + torch.logdet(eye + gram)
+        + 2 * whitened_norm
+        + k
+        + prior_log_det
+    )
+    if q is not None:
+        mean = _solve_rows(l0, q.loc.detach() - m0)
+        scale = torch.linalg.solve_triangular(l0, q.scale_tril.detach(), upper=False)
+        cov = scale @ scale.mT
+        total = (
+            total
+            + 2 * quadratic(mean @ weight.mT)
+            + mean.square().sum(-1)
+            + cov.diagonal(dim1=-2, dim2=-1).sum(-1)
+            # tr(G S) = Σᵢⱼ Gᵢⱼ Sᵢⱼ: its terms, not its value, which can cancel to far less.
+            + (gram.abs() * cov.abs()).sum((-2, -1))
+            + 2 * scale.diagonal(dim1=-2, dim2=-1).log().sum(-1).abs()
+        )
+    if z is not None:
+        u = _solve_rows(l0, z.detach() - m0)
+        squared = u.square().sum(-1)
+        decoded = u @ weight.mT
+        # log p(x, z): ‖u‖² and the whitened misfit (x−b−Wz)ᵀΨ⁻¹(x−b−Wz). log p(z|x):
+        # (u−μ)ᵀΛ(u−μ) ≤ 2(uᵀΛu + μᵀΛμ) = 2(‖u‖² + uᵀGu + μᵀΛμ), and μᵀΛμ ≤ r̃ᵀr̃
+        # because μᵀΛμ = r̃ᵀÃΛ⁻¹Ãᵀr̃ and ÃΛ⁻¹Ãᵀ = Ã(I + ÃᵀÃ)⁻¹Ãᵀ ⪯ I. Plus K·log 2π twice.
+        total = (
+            total
+            + squared
+            + quadratic(residual - decoded)
+            + 2 * (squared + quadratic(decoded) + whitened_norm)
+            + 2 * k * LOG_2PI
+        )
+    return total
