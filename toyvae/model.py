@@ -47,14 +47,15 @@ class _Factors(NamedTuple):
     """The x-independent quantities every exact computation needs, computed once per call."""
 
     whitened_weight: torch.Tensor  # Ã = L_Ψ⁻¹ W L₀, (D, K)
-    gram: torch.Tensor  # G = ÃᵀÃ, (K, K); the posterior precision of u is I + G
-    posterior_scale_tril: torch.Tensor  # lower S with S Sᵀ = (I + G)⁻¹
+    mean_map: torch.Tensor  # Q₁J (D, K): μ = S (Q₁J)ᵀ r̃, from the QR of [ÃJ; J]
+    precision_tril: torch.Tensor  # lower Lr with Λ = I + ÃᵀÃ = Lrᵀ Lr
+    posterior_scale_tril: torch.Tensor  # lower S = Lr⁻¹, so S Sᵀ = Λ⁻¹
     noise_log_det: torch.Tensor  # log det Ψ
     bias: torch.Tensor  # b + W m₀: the mean of x
 
     def log_det_precision(self) -> torch.Tensor:
-        """log det Λ = −log det Σ_u = −2 Σ log S_ii."""
-        return -2 * self.posterior_scale_tril.diagonal().log().sum()
+        """log det Λ = 2 Σ log (Lr)_ii."""
+        return 2 * self.precision_tril.diagonal().log().sum()
 
 
 class LinearGaussian(Frozen):
@@ -219,15 +220,20 @@ class LinearGaussian(Frozen):
             bias = bias + weight @ self._prior_loc
             weight = weight @ self._prior_tril
         whitened = self._noise.whiten_columns(weight)
-        gram = whitened.mT @ whitened
-        precision = gram + torch.eye(self.latent_dim, dtype=gram.dtype, device=gram.device)
-        return _Factors(whitened, gram, _inverse_cholesky(precision), self._noise.log_det(), bias)
+        mean_map, precision_tril = _stacked_qr(whitened)
+        eye = torch.eye(self.latent_dim, dtype=whitened.dtype, device=whitened.device)
+        scale_tril = torch.linalg.solve_triangular(precision_tril, eye, upper=False)
+        return _Factors(whitened, mean_map, precision_tril, scale_tril, self._noise.log_det(), bias)
 
     def _posterior_u(self, x: torch.Tensor, factors: _Factors) -> tuple[torch.Tensor, Gaussian]:
-        """The whitened residual r̃ and the posterior of u, N(S Sᵀ Ãᵀ r̃, S Sᵀ), for rows x."""
+        """The whitened residual r̃ and the posterior of u, N(S (Q₁J)ᵀ r̃, S Sᵀ), for rows x.
+
+        μ = Λ⁻¹Ãᵀr̃ is the least-squares solution of [Ã; I] μ ≈ [r̃; 0], read off the QR
+        factors: its error grows with κ([Ã; I]) = √κ(Λ), not with κ(Λ) as the normal equations'.
+        """
         residual = self._noise.whiten(x - factors.bias)
         s = factors.posterior_scale_tril
-        mean = ((residual @ factors.whitened_weight) @ s) @ s.mT
+        mean = (residual @ factors.mean_map) @ s.mT
         return residual, Gaussian(mean, s.expand(*mean.shape, self.latent_dim))
 
     # -- distributions ------------------------------------------------------------------------
@@ -339,7 +345,7 @@ class LinearGaussian(Frozen):
         """Λ_z = P₀⁻¹ + WᵀΨ⁻¹W, the posterior precision of z (K, K); x-independent."""
         factors = self._factors()
         eye = torch.eye(self.latent_dim, dtype=self.dtype, device=self.device)
-        precision = eye + factors.gram
+        precision = factors.precision_tril.mT @ factors.precision_tril
         if self._prior_tril is None:
             return precision
         # Λ_z = L₀⁻ᵀ Λ_u L₀⁻¹.
@@ -353,7 +359,7 @@ class LinearGaussian(Frozen):
         # Rows of L_Ψ⁻¹ (columns of the whitened identity) through the posterior-mean map of u.
         s = factors.posterior_scale_tril
         rows = self._noise.whiten_columns(eye).mT
-        weight = (((rows @ factors.whitened_weight) @ s) @ s.mT).mT
+        weight = ((rows @ factors.mean_map) @ s.mT).mT
         if self._prior_tril is not None:
             weight = self._prior_tril @ weight
             return weight, self._prior_loc - weight @ factors.bias
@@ -404,16 +410,22 @@ def _solve_rows(tril: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(tril, flat.mT, upper=False).mT.reshape(rows.shape)
 
 
-def _inverse_cholesky(precision: torch.Tensor) -> torch.Tensor:
-    """Lower S with S Sᵀ = precision⁻¹, without forming the inverse.
+def _stacked_qr(whitened: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q₁J, Lr) from the QR factorisation of [ÃJ; J], J the exchange matrix (columns reversed).
 
-    Factor the index-reversed matrix, J Λ J = L Lᵀ, so Λ = U Uᵀ with U = J L J upper
-    triangular; then Λ⁻¹ = U⁻ᵀ U⁻¹ and S = U⁻ᵀ is lower triangular.
+    Λ = I + ÃᵀÃ = MᵀM with M = [Ã; I], so a QR of M gives Λ's factor without forming ÃᵀÃ,
+    whose rounding would square Λ's condition number (and with small noise and K > D lose the
+    unit eigenvalues entirely). Reversing the columns, MJ = QR', makes Lr = J R' J lower
+    triangular with Λ = Lrᵀ Lr, so S = Lr⁻¹ is the lower Cholesky factor of Λ⁻¹; and the
+    posterior mean μ = Λ⁻¹ Mᵀ[r̃; 0] = S J Q₁ᵀ r̃, with Q₁ the first D rows of Q. Signs are
+    chosen so that Lr has a positive diagonal.
     """
-    flipped = torch.linalg.cholesky(precision.flip(-2, -1))
-    upper = flipped.flip(-2, -1)
-    eye = torch.eye(precision.shape[-1], dtype=precision.dtype, device=precision.device)
-    return torch.linalg.solve_triangular(upper.mT, eye, upper=False)
+    k = whitened.shape[-1]
+    eye = torch.eye(k, dtype=whitened.dtype, device=whitened.device)
+    q, r = torch.linalg.qr(torch.cat([whitened.flip(-1), eye.flip(-1)], dim=-2))
+    sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(r.dtype)
+    q, r = q * sign, r * sign.unsqueeze(-1)
+    return q[: whitened.shape[0]].flip(-1), r.flip(-2, -1)
 
 
 def _magnitude(model: LinearGaussian, x: torch.Tensor, q: Gaussian | None, z) -> torch.Tensor:
