@@ -35,7 +35,7 @@ from torch.distributions import MultivariateNormal
 
 from toyvae._checks import broadcast_batch, check_count, describe
 from toyvae.bounds import check_inputs
-from toyvae.gaussians import Gaussian
+from toyvae.gaussians import Gaussian, kl_from_relative, relative
 from toyvae.interface import ConjugateModel, batch_shape
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "iwae_estimate",
     "iwae_estimates",
     "iwae_first_order_bias",
+    "log_weight_cumulants",
     "log_weight_moments",
     "log_weights",
     "log_weights_at",
@@ -105,6 +106,9 @@ class Whitened(NamedTuple):
         log det B = log det L − log det S.
     kl : tensor
         KL(q ‖ p(z|x)), from the same factors.
+    excess : tensor
+        E = B − I, computed from the difference of the factors: accurate relative to its own
+        size as q approaches the posterior.
     """
 
     log_evidence: torch.Tensor
@@ -112,6 +116,7 @@ class Whitened(NamedTuple):
     offset: torch.Tensor
     log_det_scale: torch.Tensor
     kl: torch.Tensor
+    excess: torch.Tensor
 
 
 def whitened(model: ConjugateModel, x: torch.Tensor, q: Gaussian) -> Whitened:
@@ -121,19 +126,13 @@ def whitened(model: ConjugateModel, x: torch.Tensor, q: Gaussian) -> Whitened:
     model's :meth:`~toyvae.ConjugateModel.exact` answers; each sample then costs O(K²).
     """
     exact = model.exact(x)
-    posterior = exact.posterior
-    s = posterior.scale_tril
-    scale = torch.linalg.solve_triangular(s, q.scale_tril, upper=False)
-    diff = (q.loc - posterior.loc).unsqueeze(-1)
-    offset = torch.linalg.solve_triangular(s, diff, upper=False).squeeze(-1)
-    log_det = q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - _half_log_det(s)
-    # KL(q ‖ p(z|x)) = ½[‖B‖_F² + ‖c‖² − K] − log det B: gaussian_kl's formula on the same solves.
-    kl = 0.5 * (scale.square().sum((-2, -1)) + offset.square().sum(-1) - q.dim) - log_det
-    return Whitened(exact.log_evidence, scale, offset, log_det, kl)
-
-
-def _half_log_det(scale_tril: torch.Tensor) -> torch.Tensor:
-    return scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    r = relative(q, exact.posterior)
+    eye = torch.eye(q.dim, dtype=q.loc.dtype, device=q.loc.device)
+    scale = r.excess + eye
+    # log det B = Σ log(1 + Eᵢᵢ), accurate as q approaches the posterior.
+    log_det = torch.log1p(r.excess.diagonal(dim1=-2, dim2=-1)).sum(-1)
+    kl = kl_from_relative(r)
+    return Whitened(exact.log_evidence, scale, r.offset, log_det, kl, r.excess)
 
 
 _whitened = whitened  # the name older code imports
@@ -281,8 +280,8 @@ def log_weight_moments(model, x, q) -> LogWeightMoments:
     x, gq = check_inputs(model, x, q)
     w = whitened(model, x, gq)
     mean = w.log_evidence - w.kl
-    eye = torch.eye(gq.dim, dtype=gq.loc.dtype, device=gq.loc.device)
-    spread = (eye - w.scale.mT @ w.scale).square().sum((-2, -1))
+    # I − BᵀB = −(E + Eᵀ + EᵀE) with B = I + E: no cancellation near the posterior.
+    spread = (w.excess + w.excess.mT + w.excess.mT @ w.excess).square().sum((-2, -1))
     shift = (w.offset.unsqueeze(-2) @ w.scale).squeeze(-2).square().sum(-1)
     return LogWeightMoments(mean, 0.5 * spread + shift)
 
@@ -331,3 +330,42 @@ def iwae_first_order_bias(model, x, q, k) -> torch.Tensor:
     """
     k = check_count(k, "k")
     return chi_square_divergence(model, x, q) / (2 * k)
+
+
+def log_weight_cumulants(model, x, q) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Exact second and fourth cumulants (κ₂, κ₄) of log w = log p(x, z) − log q(z), z ~ q.
+
+    In the noise ε of z = m + Lε, log w − log p(x) = εᵀAε + bᵀε + const, a Gaussian quadratic
+    form with A = ½(I − BᵀB) and b = −Bᵀc (module docstring). Its cumulant generating function
+
+    .. math::
+        \log\mathbb E\, e^{t(\varepsilon^\top A\varepsilon + b^\top\varepsilon)}
+            = -\tfrac12\log\det(I - 2tA) + \tfrac12 t^2\, b^\top(I - 2tA)^{-1} b
+
+    has Taylor coefficients κ_r = 2^{r−1}(r−1)! tr A^r + r!·2^{r−3} bᵀA^{r−2}b (r ≥ 2), so
+
+    .. math::
+        \kappa_2 = 2\operatorname{tr}A^2 + \lVert b\rVert^2
+            = \operatorname{Var}\log w,\qquad
+        \kappa_4 = 48\big(\operatorname{tr}A^4 + b^\top A^2 b\big)
+
+    and the squared deviation (log w − ELBO)² has mean κ₂ and variance κ₄ + 2κ₂²: what a
+    Monte Carlo check of :func:`log_weight_moments`' variance needs. Every term is non-negative
+    (A is symmetric), so neither cumulant suffers cancellation. Both are zero exactly when
+    q = p(z|x).
+
+    Returns
+    -------
+    (kappa2, kappa4) : tensors
+        Each of the broadcast batch shape of x and q.
+    """
+    x, gq = check_inputs(model, x, q)
+    w = whitened(model, x, gq)
+    eye = torch.eye(gq.dim, dtype=gq.loc.dtype, device=gq.loc.device)
+    a = 0.5 * (eye - w.scale.mT @ w.scale)
+    b = -(w.offset.unsqueeze(-2) @ w.scale).squeeze(-2)
+    a2 = a @ a
+    kappa2 = 2 * a2.diagonal(dim1=-2, dim2=-1).sum(-1) + b.square().sum(-1)
+    kappa4 = 48 * ((a2 * a2.mT).sum((-2, -1)) + (b.unsqueeze(-2) @ a2 @ b.unsqueeze(-1))[..., 0, 0])
+    batch = _batch_shape(model, x, gq)
+    return kappa2.expand(batch), kappa4.expand(batch)

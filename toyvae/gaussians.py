@@ -87,6 +87,68 @@ def _broadcast(loc: torch.Tensor, scale_tril: torch.Tensor) -> tuple[torch.Tenso
     return loc.expand(*batch, k), scale_tril.expand(*batch, k, k)
 
 
+class Relative(NamedTuple):
+    """q in p's standard coordinates: z = μ_p + L_p (c + (I + E) ε) for z ~ q, ε ~ N(0, I).
+
+    Attributes
+    ----------
+    excess : tensor
+        E = L_p⁻¹(L_q − L_p) = L_p⁻¹L_q − I, (*batch, K, K), lower triangular. Computed from
+        the difference of the factors, so it is accurate relative to its own (small) size.
+    offset : tensor
+        c = L_p⁻¹(μ_q − μ_p), (*batch, K).
+    """
+
+    excess: torch.Tensor
+    offset: torch.Tensor
+
+
+def relative(q: Gaussian, p: Gaussian) -> Relative:
+    """q in p's standard coordinates (:class:`Relative`), broadcasting batch shapes."""
+    batch = broadcast_batch(q=q.loc.shape[:-1], p=p.loc.shape[:-1])
+    k = q.dim
+    lp = p.scale_tril.expand(*batch, k, k)
+    excess = torch.linalg.solve_triangular(lp, q.scale_tril - p.scale_tril, upper=False)
+    diff = (q.loc - p.loc).expand(*batch, k).unsqueeze(-1)
+    offset = torch.linalg.solve_triangular(lp, diff, upper=False).squeeze(-1)
+    return Relative(excess, offset)
+
+
+def _exp_minus_one_minus(t: torch.Tensor) -> torch.Tensor:
+    """eᵗ − 1 − t without cancellation: its Taylor series for |t| < ½, else expm1(t) − t.
+
+    For |t| < ½ the terms tⁿ/n! fall below 1e-17 of the leading t²/2 by n = 17.
+    """
+    small = t.abs() < 0.5
+    ts = torch.where(small, t, torch.zeros_like(t))
+    series = torch.zeros_like(t)
+    for n in range(17, 1, -1):  # Horner: t²(1/2! + t(1/3! + t(1/4! + …)))
+        series = series * ts + 1.0 / math.factorial(n)
+    series = series * ts * ts
+    return torch.where(small, series, torch.expm1(t) - t)
+
+
+def kl_from_relative(r: Relative) -> torch.Tensor:
+    r"""KL(q ‖ p) from q in p's coordinates, as a sum of non-negative terms.
+
+    With B = I + E and bᵢ = 1 + Eᵢᵢ = e^{ℓᵢ},
+
+    .. math::
+        2\,\mathrm{KL} = \lVert B\rVert_F^2 - K - 2\log\det B + \lVert c\rVert^2
+            = \sum_{i \ne j} E_{ij}^2 + \sum_i \big(e^{2\ell_i} - 1 - 2\ell_i\big)
+            + \lVert c\rVert^2
+
+    Every term is non-negative and computed without cancellation (ℓᵢ = log1p(Eᵢᵢ), and
+    eᵗ − 1 − t by its series near 0), so the KL keeps its relative accuracy as q → p and is
+    never negative.
+    """
+    excess, offset = r
+    diagonal = excess.diagonal(dim1=-2, dim2=-1)  # bᵢ − 1
+    off_diagonal = excess.tril(-1).square().sum((-2, -1))
+    scale_terms = _exp_minus_one_minus(2 * torch.log1p(diagonal)).sum(-1)
+    return 0.5 * (off_diagonal + scale_terms + offset.square().sum(-1))
+
+
 def _kl(q: Gaussian, p: Gaussian) -> torch.Tensor:
     r"""KL(q ‖ p) for canonical Gaussians, broadcasting their batch shapes.
 
@@ -94,20 +156,10 @@ def _kl(q: Gaussian, p: Gaussian) -> torch.Tensor:
         \mathrm{KL} = \tfrac12\big[\lVert L_p^{-1} L_q\rVert_F^2
             + \lVert L_p^{-1}(\mu_p-\mu_q)\rVert^2 - K
             + \log\det\Sigma_p - \log\det\Sigma_q\big]
+
+    evaluated as a sum of non-negative terms (:func:`kl_from_relative`).
     """
-    batch = broadcast_batch(q=q.loc.shape[:-1], p=p.loc.shape[:-1])
-    k = q.dim
-    lp = p.scale_tril.expand(*batch, k, k)
-    trace = torch.linalg.solve_triangular(lp, q.scale_tril.expand(*batch, k, k), upper=False)
-    diff = (p.loc - q.loc).expand(*batch, k).unsqueeze(-1)
-    mahalanobis = torch.linalg.solve_triangular(lp, diff, upper=False).squeeze(-1)
-    return 0.5 * (
-        trace.square().sum((-2, -1))
-        + mahalanobis.square().sum(-1)
-        - k
-        + p.log_det_cov()
-        - q.log_det_cov()
-    )
+    return kl_from_relative(relative(q, p))
 
 
 def _entropy(q: Gaussian) -> torch.Tensor:
