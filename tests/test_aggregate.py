@@ -70,68 +70,7 @@ def kl_tolerance(*covariances):
     return 8 * n * n * EPS * kappa * kappa
 
 
-# -- the encoder ---------------------------------------------------------------------------------
-
-
-@given(linear_gaussian_models(max_data_dim=5))
-def test_exact_posterior_encoder_is_the_model_posterior(model):
-    """LinearGaussianEncoder.exact_posterior(model)(x) has the posterior's mean and covariance."""
-    encoder = LinearGaussianEncoder.exact_posterior(model)
-    x = model.sample((3,), generator=torch.Generator().manual_seed(0))[0]
-    q, post = encoder(x), model.posterior(x)
-    precision = torch.linalg.inv(post.covariance_matrix[0])
-    kappa = torch.linalg.cond(precision).item()
-    d, k = model.data_dim, model.latent_dim
-    # V x + c and Σ Wᵀ Ψ⁻¹ (x − b) are the same (D + K)-term sums formed in a different order
-    # from factors with relative error ≤ (D + K)·eps·κ(Λ); entrywise the terms are bounded by
-    # |V| |x − b|, computed here from the dense mean map.
-    v = (
-        post.covariance_matrix[0]
-        @ model.weight.mT
-        @ torch.linalg.inv(
-            model.noise_variance
-            if model.noise_kind == "full"
-            else torch.diag(model.noise_variance.expand(d))
-        )
-    )
-    scale = v.abs() @ (x - model.bias).abs().mT + (v @ model.bias).abs().unsqueeze(-1)
-    tol = 8 * (d + k) * EPS * kappa * scale.mT
-    assert ((q.mean - post.mean).abs() <= tol).all()
-    assert torch.equal(q.scale_tril[0], post.scale_tril[0])
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "words"),
-    [
-        ({"weight": torch.ones(3)}, ValueError, ["weight", "(K, D)", "(3,)"]),
-        ({"weight": "V"}, TypeError, ["weight", "str"]),
-        ({"bias": torch.ones(3)}, ValueError, ["bias", "(2,)", "(3,)"]),
-        ({"scale_tril": torch.ones(3, 3)}, ValueError, ["scale_tril", "(2, 2)", "(3, 3)"]),
-        ({"scale_tril": -torch.eye(2)}, ValueError, ["scale_tril", "positive", "-1.0"]),
-        ({"bias": [0.0, float("nan")]}, ValueError, ["bias", "NaN"]),
-    ],
-)
-def test_bad_encoder_parameters_raise_errors_that_name_them(kwargs, error, words):
-    """Malformed encoder parameters raise ValueError/TypeError naming the argument and value."""
-    arguments = {"weight": torch.ones(2, 4, dtype=F64), **kwargs}
-    with pytest.raises(error) as info:
-        LinearGaussianEncoder(**arguments)
-    for word in words:
-        assert word in str(info.value)
-
-
-def test_encoder_reads_only_the_lower_triangle_of_scale_tril():
-    """Junk above the diagonal of scale_tril changes neither the stored factor nor q(z|x)."""
-    _, encoder, _ = random_case(2)
-    junk = torch.triu(torch.full((2, 2), 7.0, dtype=F64), 1)
-    noisy = LinearGaussianEncoder(encoder.weight, encoder.bias, encoder.scale_tril + junk)
-    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
-    # The upper triangle is discarded before any arithmetic, so the results are bit-identical.
-    assert torch.equal(noisy.scale_tril, encoder.scale_tril)
-    q, clean = noisy(x), encoder(x)
-    assert torch.equal(q.loc, clean.loc) and torch.equal(q.scale_tril, clean.scale_tril)
-    z = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(q.log_prob(z), clean.log_prob(z))
+# -- the encoder and its data ----------------------------------------------------------------------
 
 
 def test_bad_data_and_mismatched_dimensions_are_named():

@@ -16,6 +16,7 @@ import scipy.stats
 import torch
 
 import toyvae
+from toyvae.encoder import LinearGaussianEncoder
 from toyvae.testing import (
     DEFAULT_NUM_DRAWS,
     ELBOCheck,
@@ -166,6 +167,28 @@ def test_linear_vae_is_seeded_and_leaves_the_global_generator_alone():
     for a, b in zip(first.encoder.parameters(), second.encoder.parameters(), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(first.x, other.x)
+
+
+def test_load_exact_posterior_is_the_one_encoder_s_exact_posterior():
+    """load_exact_posterior_ copies exact_posterior's mean map and diagonal variances, zeroes the
+    x-dependence of the variance, and rejects a model of other dimensions."""
+    encoder, decoder, x = linear_vae(seed=5)  # a fresh, deliberately wrong encoder
+    model = decoder.model()
+    exact = LinearGaussianEncoder.exact_posterior(model)
+    assert encoder.load_exact_posterior_(model) is encoder
+    with torch.no_grad():
+        assert torch.equal(encoder.mean.weight, exact.weight)
+        assert torch.equal(encoder.mean.bias, exact.bias)
+        assert not encoder.logvar.weight.any()
+        mean, logvar = encoder.encode(x)
+    # nn.Linear (fused addmm) against x Vᵀ + c: D-term sums, Higham's n·ε of their terms.
+    size = x.abs() @ exact.weight.abs().mT + exact.bias.abs()
+    assert bool(((mean - exact(x).loc).abs() <= 2 * x.shape[-1] * EPS64 * size).all())
+    # log of a sum of K squares, each rounded once: a few ulps of the variance.
+    variance = exact.scale_tril.square().sum(-1)
+    assert torch.allclose(logvar.exp(), variance.expand_as(logvar), rtol=8 * EPS64, atol=0)
+    with pytest.raises(ValueError, match="model must have D = 6 and K = 3"):
+        encoder.load_exact_posterior_(toyvae.LinearGaussian(torch.ones(6, 2, dtype=torch.float64)))
 
 
 def test_linear_vae_rejects_bad_sizes():

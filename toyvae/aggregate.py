@@ -26,21 +26,19 @@ from torch.distributions import MultivariateNormal
 
 from toyvae._checks import (
     as_tensor,
-    check_affine_map,
     check_count,
     check_finite,
     check_last_dim,
     check_ndim,
-    check_positive,
     cholesky,
-    describe,
 )
+from toyvae.encoder import LinearGaussianEncoder, _check_encoder, _check_model
 from toyvae.gaussians import LOG_2PI, Gaussian, _entropy, _kl, as_gaussian, standard_normal
 from toyvae.model import LinearGaussian
 
+# LinearGaussianEncoder lives in toyvae.encoder; importable from here, as it always was.
 __all__ = [
     "Estimate",
-    "LinearGaussianEncoder",
     "Surgery",
     "aggregate_kl_to_prior",
     "aggregate_posterior",
@@ -69,92 +67,6 @@ class Surgery(NamedTuple):
     average_kl: torch.Tensor
     mutual_information: torch.Tensor | Estimate
     marginal_kl: torch.Tensor | Estimate
-
-
-class LinearGaussianEncoder:
-    r"""q_φ(z|x) = N(Vx + c, L_S L_Sᵀ): an affine mean and an x-independent covariance.
-
-    Parameters
-    ----------
-    weight : (K, D) tensor or array
-        V, the mean map.
-    bias : (K,) tensor or array, optional
-        c; zeros when ``None``.
-    scale_tril : (K, K) tensor or array, optional
-        Lower Cholesky factor L_S of the covariance, positive diagonal (only its lower triangle
-        is read); the identity when ``None``. A diagonal ``scale_tril`` is a mean-field encoder.
-
-    Calling the encoder on x (..., D) returns a ``MultivariateNormal`` with batch shape
-    ``x.shape[:-1]``: exactly what :func:`toyvae.elbo` takes as q.
-    """
-
-    def __init__(self, weight, bias=None, scale_tril=None):
-        weight, bias = check_affine_map(weight, bias, "K", "D")
-        k = weight.shape[0]
-        if scale_tril is None:
-            scale_tril = torch.eye(k, dtype=weight.dtype, device=weight.device)
-        scale_tril = as_tensor(scale_tril, "scale_tril", like=weight)
-        if scale_tril.shape != (k, k):
-            raise ValueError(f"scale_tril must have shape ({k}, {k}), got {describe(scale_tril)}")
-        check_finite(scale_tril, "scale_tril")
-        scale_tril = scale_tril.tril()
-        check_positive(scale_tril.diagonal(), "scale_tril's diagonal")
-        self.weight, self.bias, self.scale_tril = weight, bias, scale_tril
-
-    def __repr__(self) -> str:
-        return f"LinearGaussianEncoder(data_dim={self.data_dim}, latent_dim={self.latent_dim})"
-
-    @property
-    def data_dim(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def latent_dim(self) -> int:
-        return self.weight.shape[0]
-
-    @classmethod
-    def exact_posterior(cls, model: LinearGaussian) -> LinearGaussianEncoder:
-        r"""The encoder whose q(z|x) is the exact posterior of ``model`` for every x.
-
-        .. math::
-            V = \Sigma W^\top \Psi^{-1}, \qquad c = -V b, \qquad L_S = S,\ SS^\top = \Sigma
-
-        V is read off the posterior mean, which is linear in x − b: row i of the whitened
-        identity L_Ψ⁻¹ e_i goes through the model's own posterior-mean map.
-        """
-        _check_model(model)
-        weight, bias = model.posterior_mean_map()
-        zero = torch.zeros(model.data_dim, dtype=model.dtype, device=model.device)
-        return cls(weight, bias, model.exact(zero).posterior.scale_tril)
-
-    def _mean(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight.mT + self.bias
-
-    def __call__(self, x) -> MultivariateNormal:
-        """q_φ(z|x), batch shape ``x.shape[:-1]``."""
-        x = self._check_x(x)
-        loc = self._mean(x)
-        return MultivariateNormal(
-            loc, scale_tril=self.scale_tril.expand(*loc.shape, self.latent_dim)
-        )
-
-    def _check_x(self, x, name: str = "x") -> torch.Tensor:
-        x = as_tensor(x, name, like=self.weight)
-        check_last_dim(x, name, self.data_dim, "the encoder's data dimension D")
-        check_finite(x, name)
-        return x
-
-
-def _check_model(model) -> None:
-    if not isinstance(model, LinearGaussian):
-        raise TypeError(f"model must be a toyvae.LinearGaussian, got {type(model).__name__}")
-
-
-def _check_encoder(encoder) -> None:
-    if not isinstance(encoder, LinearGaussianEncoder):
-        raise TypeError(
-            f"encoder must be a toyvae.LinearGaussianEncoder, got {type(encoder).__name__}"
-        )
 
 
 def _check_data(encoder: LinearGaussianEncoder, data) -> Gaussian:

@@ -396,13 +396,15 @@ def snr_log_variance(problem: RainforthProblem, k, num_replicates) -> SNRLogVari
 
 
 def plot_snr(table: SNRTable, path) -> None:
-    """Log-log plot of both SNRs against k with k^(±1/2) guides (needs matplotlib)."""
-    import matplotlib
+    """Log-log plot of both SNRs against k with k^(±1/2) guides (needs matplotlib).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a standalone ``Figure`` (no pyplot): matplotlib's global backend and figure
+    registry are left as they were.
+    """
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ks = list(table.k)
     ax.loglog(ks, table.generative, "o-", label="generative (∇μ)")
     ax.loglog(ks, table.inference, "s-", label="inference (∇b), mean −∇χ²/(2k)")
@@ -413,10 +415,7 @@ def plot_snr(table: SNRTable, path) -> None:
     ax.set(xlabel="k", ylabel="SNR", title="IWAE gradient SNR (Rainforth et al. 2018)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(
-        path, dpi=120, metadata={"Software": None}
-    )  # no version stamp: reruns are identical
-    plt.close(fig)
+    fig.savefig(path, dpi=120, metadata={"Software": None})  # no version stamp: reruns identical
 
 
 if __name__ == "__main__":

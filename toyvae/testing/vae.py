@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributions import Independent, Normal
 
 from toyvae._checks import describe
+from toyvae.encoder import LinearGaussianEncoder
 from toyvae.model import LinearGaussian
 
 __all__ = ["LinearDecoder", "LinearEncoder", "LinearVAE", "linear_vae"]
@@ -42,6 +43,10 @@ class LinearEncoder(nn.Module):
 
     ``encoder.mean`` and ``encoder.logvar`` are ``nn.Linear(D, K)`` layers. They start at zero,
     so a fresh encoder returns the prior N(0, I) for every x.
+
+    Written as VAE code is, with a log-variance head, so its variance may depend on x: with
+    ``logvar.weight`` = 0 it is a mean-field :class:`toyvae.encoder.LinearGaussianEncoder`
+    (V_μ, c_μ, diag exp(½ c_s)), and :meth:`load_exact_posterior_` sets it to one.
     """
 
     def __init__(self, data_dim: int, latent_dim: int, *, dtype=torch.float64, device=None):
@@ -49,6 +54,31 @@ class LinearEncoder(nn.Module):
         d, k = _check_dim(data_dim, "data_dim"), _check_dim(latent_dim, "latent_dim")
         self.mean = _linear(d, k, dtype, device)
         self.logvar = _linear(d, k, dtype, device)
+
+    def load_exact_posterior_(self, model: LinearGaussian) -> LinearEncoder:
+        """Set the parameters to ``model``'s exact posterior, in place; returns the encoder.
+
+        The mean is the posterior-mean map V x + c of
+        :meth:`toyvae.encoder.LinearGaussianEncoder.exact_posterior`, and the log-variance the
+        constant log diag Σ (``logvar.weight`` = 0). That is the exact posterior when Σ is
+        diagonal, as for the decoders of :func:`linear_vae`; otherwise q has the posterior's
+        mean and marginal variances, but not its correlations.
+        """
+        if not isinstance(model, LinearGaussian):
+            raise TypeError(f"model must be a toyvae.LinearGaussian, got {describe(model)}")
+        k, d = self.mean.weight.shape
+        if (model.latent_dim, model.data_dim) != (k, d):
+            raise ValueError(
+                f"model must have D = {d} and K = {k} like the encoder, got a model with "
+                f"D = {model.data_dim}, K = {model.latent_dim}"
+            )
+        exact = LinearGaussianEncoder.exact_posterior(model)
+        with torch.no_grad():
+            self.mean.weight.copy_(exact.weight)
+            self.mean.bias.copy_(exact.bias)
+            self.logvar.weight.zero_()
+            self.logvar.bias.copy_(exact.scale_tril.square().sum(-1).log())  # diag of S Sᵀ
+        return self
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, log-variance) of q(z|x), each of shape ``(*x.shape[:-1], K)``."""
@@ -160,15 +190,11 @@ def linear_vae(
         # The data come first, so exact_encoder=True and False see the same x.
         x, _ = decoder.model().sample((n,), generator=generator)
 
-        # Exact posterior: Σ = diag(1/(1+s²)), mean map V = Σ Wᵀ Ψ⁻¹, offset −V b.
-        posterior_var = 1 / (1 + scales.square())
-        precision_weight = weight / noise_logvar.exp().expand(d).unsqueeze(-1)  # Ψ⁻¹ W
-        mean_map = posterior_var.unsqueeze(-1) * precision_weight.mT
-        encoder.mean.weight.copy_(mean_map)
-        encoder.mean.bias.copy_(-mean_map @ bias)
-        encoder.logvar.bias.copy_(posterior_var.log())
+        # The exact posterior, diagonal here: N(V x + c, Σ), Σ = diag(1/(1+s²)).
+        encoder.load_exact_posterior_(decoder.model())
         if not exact_encoder:
-            encoder.mean.weight.add_(0.3 * mean_map.abs().mean() * torch.randn(k, d, **options))
+            spread = encoder.mean.weight.abs().mean()
+            encoder.mean.weight.add_(0.3 * spread * torch.randn(k, d, **options))
             encoder.mean.bias.add_(0.3 * torch.randn(k, **options))
             # Variances alternately e^0.4 times and e^-0.8 times the posterior's: all stay
             # below e^0.4 / 2 < 1, so log σ² < -0.29 never comes near 0.
