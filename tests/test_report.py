@@ -1,7 +1,10 @@
 """`toyvae report`: the table, the files of --out, --model files, exit statuses, one-line errors."""
 
+import functools
 import json
+import os
 import runpy
+import subprocess
 import sys
 
 import numpy as np
@@ -10,13 +13,22 @@ import torch
 from torch.distributions import MultivariateNormal
 
 import toyvae
+import toyvae.report._classic as classic_rows
+import toyvae.report._identities as identity_rows
+import toyvae.report._monte_carlo as monte_carlo_rows
+import toyvae.report._problems as problems
 import toyvae.report.checks as checks
 import toyvae.report.cli as cli
 from toyvae import LinearGaussian
-from toyvae.estimators import log_weights_at
-from toyvae.learning import CounterexampleObjectives, counterexample_objectives
+from toyvae.aggregate import aggregate_posterior, elbo_surgery, joint_kl
+from toyvae.estimators import log_weight_cumulants
+from toyvae.learning import (
+    CounterexampleObjectives,
+    counterexample_objectives,
+    ppca_maximum_likelihood,
+)
+from toyvae.report._rows import solve_tolerance
 from toyvae.report.models import builtin_models
-from toyvae.stats import gauss_hermite_noise
 
 # The properties the issue asks the report to show, by the names the table gives them.
 PROPERTIES = [
@@ -106,8 +118,8 @@ def test_quick_run_passes_and_writes_every_output(tiny, tmp_path, capsys):
 
 def test_a_broken_property_exits_1_and_is_named(tiny, monkeypatch, capsys):
     """An ELBO off by 1e-3 breaks log p(x) = ELBO + KL: exit status 1, the failing row named."""
-    exact = checks.elbo
-    monkeypatch.setattr(checks, "elbo", lambda model, x, q: exact(model, x, q) + 1e-3)
+    exact = identity_rows.elbo
+    monkeypatch.setattr(identity_rows, "elbo", lambda model, x, q: exact(model, x, q) + 1e-3)
     monkeypatch.setattr(checks, "CHECKS", (checks.check_identity, checks.check_bayes_rule))
     monkeypatch.setattr(checks, "PROBLEMS", ())
     assert cli.main(["report", "--quick"]) == 1
@@ -131,43 +143,44 @@ def _unbiased_ppca(x, latent_dim):
 
 
 AGGREGATE, SURGERY, JOINT_KL, ELBO, PPCA = (
-    checks.aggregate_posterior,
-    checks.elbo_surgery,
-    checks.joint_kl,
-    checks.elbo,
-    checks.ppca_maximum_likelihood,
+    aggregate_posterior,
+    elbo_surgery,
+    joint_kl,
+    toyvae.elbo,
+    ppca_maximum_likelihood,
 )
 
-# Realistic mistakes, one per classic row: (the row, the name in checks, its broken stand-in).
+# Realistic mistakes, one per classic row: (the row, the module of the row and the name it
+# uses there, its broken stand-in).
 BROKEN = {
     "aggregate covariance without S": (
         "ppca: aggregate posterior (= prior if matched)",
-        "aggregate_posterior",
+        (classic_rows, "aggregate_posterior"),
         _without_encoder_covariance,
     ),
     "mutual information doubled": (
         "ppca: ELBO surgery",
-        "elbo_surgery",
+        (classic_rows, "elbo_surgery"),
         lambda e, d: SURGERY(e, d)._replace(mutual_information=2 * SURGERY(e, d)[1]),
     ),
     "joint KL without the entropy": (
         "ppca: joint KL = −E ELBO − H[q(x)]",
-        "joint_kl",
+        (classic_rows, "joint_kl"),
         lambda m, e, d: JOINT_KL(m, e, d) + toyvae.entropy(d),
     ),
     "ELBO with a stray weight decay": (
         "ppca: Fisher: ∇θ ELBO = ∇θ log p(x)",
-        "elbo",
+        (classic_rows, "elbo"),
         lambda m, x, q: ELBO(m, x, q) - 1e-6 * m.weight.square().sum(),
     ),
     "mean-field ELBO taken at the exact posterior": (
         "fixed-problems: counterexample: ELBO ascent lowers log p",
-        "counterexample_objectives",
+        (problems, "counterexample_objectives"),
         lambda w, s: CounterexampleObjectives(*[counterexample_objectives(w, s)[0]] * 2),
     ),
     "PPCA noise from the N − 1 covariance": (
         "fixed-problems: PPCA: ML is stationary (∇ log p = 0)",
-        "ppca_maximum_likelihood",
+        (problems, "ppca_maximum_likelihood"),
         _unbiased_ppca,
     ),
 }
@@ -190,8 +203,8 @@ ROWS = {
 @pytest.mark.parametrize("mistake", BROKEN, ids=list(BROKEN))
 def test_a_broken_classic_property_fails_its_row(mistake, tiny, monkeypatch, capsys):
     """Each classic row catches a realistic mistake in what it checks: exit 1, the row named."""
-    row, name, broken = BROKEN[mistake]
-    monkeypatch.setattr(checks, name, broken)
+    row, (module, name), broken = BROKEN[mistake]
+    monkeypatch.setattr(module, name, broken)
     # Only the row under test runs, so the summary can name exactly one failure.
     group, check = ROWS[row]
     monkeypatch.setattr(checks, "CHECKS", (check,) if group == "CHECKS" else ())
@@ -298,43 +311,12 @@ def test_python_dash_m_toyvae_is_the_same_command(monkeypatch, capsys):
     assert "report" in capsys.readouterr().out
 
 
-def test_fourth_cumulant_of_log_weights_matches_quadrature():
-    """κ₂, κ₄ of log w from the cumulant formula equal μ₂, μ₄ − 3μ₂² by Gauss–Hermite quadrature."""
-    rng = np.random.default_rng(4)
-    model = LinearGaussian(rng.normal(size=(6, 2)), rng.normal(size=6), rng.uniform(0.5, 2, 6))
-    x = torch.as_tensor(rng.normal(size=(3, 6)))
-    # The far-away q: large A = ½(I − BᵀB) and b = −Bᵀc, so both kinds of term matter.
-    q = checks.random_gaussians(model, x, torch.Generator().manual_seed(0))[2]
-    # log w is quadratic in ε, so (log w − m)⁴ has degree 8 ≤ 2·5 − 1: order 5 is exact.
-    nodes, weights = gauss_hermite_noise(2, 5)
-    eps = nodes[:, None, :].expand(-1, 3, 2)
-    ell = log_weights_at(model, x, q, eps)
-    w = weights[:, None]
-    d = ell - (w * ell).sum(0)
-    mu2, mu4 = (w * d**2).sum(0), (w * d**4).sum(0)
-    kappa2, kappa4 = checks._cumulants_2_4(model, x, q)
-    # Quadrature side: each log w errs by at most its rounding bound r (4(D+K)·eps·M), the
-    # mean by max r, so every deviation d by δ = 2 max r; then μ₂ errs by Σω·2|d|δ and μ₄ by
-    # Σω·4|d|³δ, each plus a 25-term summation error 25·eps·μ (Higham).
-    delta = 2 * checks._log_weight_rounding(model, x, q, eps).amax(0)
-    eps64 = torch.finfo(torch.float64).eps
-    err2 = (w * 2 * d.abs()).sum(0) * delta + 25 * eps64 * mu2
-    err4 = (w * 4 * d.abs() ** 3).sum(0) * delta + 25 * eps64 * mu4 + 6 * mu2 * err2
-    # Formula side: every term of κ₂ and κ₄ is non-negative (tr A², ‖b‖², tr A⁴, bᵀA²b), so
-    # no cancellation; B and c come from triangular solves against S, relative error
-    # K·κ(Λ)·eps each, at most 4 such factors in a term: 16·K·κ(Λ)·eps relative.
-    precision = torch.linalg.inv(model.posterior(x).covariance_matrix[0])
-    relative = 16 * 2 * torch.linalg.cond(precision) * eps64
-    assert ((kappa2 - mu2).abs() <= err2 + relative * kappa2).all()
-    assert ((kappa4 - (mu4 - 3 * mu2**2)).abs() <= err4 + relative * kappa4).all()
-
-
 class _Spy:
-    """Wraps a function of checks, recording (arguments, result) of every call."""
+    """Wraps a function the Monte Carlo rows use, recording (arguments, result) of every call."""
 
     def __init__(self, monkeypatch, name):
-        self.calls, self.function = [], getattr(checks, name)
-        monkeypatch.setattr(checks, name, self)
+        self.calls, self.function = [], getattr(monte_carlo_rows, name)
+        monkeypatch.setattr(monte_carlo_rows, name, self)
 
     def __call__(self, *args, **kwargs):
         result = self.function(*args, **kwargs)
@@ -346,13 +328,13 @@ def _statistical_rows(monkeypatch):
     """Run the three Monte Carlo rows on a small model; return their tolerance vectors and the
     recorded draws of each row (the arguments hold the q, k and sample size it used)."""
     tolerances = {}
-    worst = checks._worst
+    worst = monte_carlo_rows.worst
 
     def capture(prop, errors, tols, reason):
         tolerances[prop] = torch.as_tensor(np.asarray(tols)).double().reshape(-1)
         return worst(prop, errors, tols, reason)
 
-    monkeypatch.setattr(checks, "_worst", capture)
+    monkeypatch.setattr(monte_carlo_rows, "worst", capture)
     iwae, plain = _Spy(monkeypatch, "iwae_estimates"), _Spy(monkeypatch, "log_weights")
     rng = np.random.default_rng(5)
     model = LinearGaussian(rng.normal(size=(6, 2)), rng.normal(size=6), rng.uniform(0.5, 2, 6))
@@ -394,7 +376,7 @@ def test_statistical_rows_hold_draws_to_the_median_of_means_radius_of_the_exact_
     for (_, _, q, k, n), _ in calls["check_elbo_estimator"]:
         variance = toyvae.log_weight_moments(model, x, q).variance
         assert k == 1
-        want.append(_radius(n, variance, 1e-6 / (3 * n_points)) + checks._tolerance(model, x, q))
+        want.append(_radius(n, variance, 1e-6 / (3 * n_points)) + solve_tolerance(model, x, q))
     assert len(want) == 3
     assert_close("ELBO estimator unbiased", torch.cat(want))
 
@@ -402,9 +384,9 @@ def test_statistical_rows_hold_draws_to_the_median_of_means_radius_of_the_exact_
     # formula, checked against quadrature above); 3 q's × N points.
     want = []
     for (_, _, q, n), _ in calls["check_log_weight_variance"]:
-        kappa2, kappa4 = checks._cumulants_2_4(model, x, q)
+        kappa2, kappa4 = log_weight_cumulants(model, x, q)
         radius = _radius(n, kappa4 + 2 * kappa2.square(), 1e-6 / (3 * n_points))
-        want.append(radius + 2 * checks._tolerance(model, x, q) * (10 * kappa2.sqrt() + 1))
+        want.append(radius + 2 * solve_tolerance(model, x, q) * (10 * kappa2.sqrt() + 1))
     assert len(want) == 3
     assert_close("exact variance of log w", torch.cat(want))
 
@@ -413,8 +395,88 @@ def test_statistical_rows_hold_draws_to_the_median_of_means_radius_of_the_exact_
     for (_, _, q, k, n), draws in calls["check_iwae_evidence"]:
         chi2 = toyvae.chi_square_divergence(model, x, q)
         ratio = (draws - model.log_evidence(x)).exp()
-        rounding = 2 * checks._tolerance(model, x, q) * ratio.amax(0)
+        rounding = 2 * solve_tolerance(model, x, q) * ratio.amax(0)
         want.append(_radius(n, chi2 / k, 1e-6 / (len(TINY.iwae_ks) * n_points)) + rounding)
         ks.append(k)
     assert ks == list(TINY.iwae_ks)
     assert_close("IWAE: E exp(IWAE_k) = p(x)", torch.cat(want))
+
+
+def test_every_check_has_its_own_stream_key_equal_to_its_original_name():
+    """The streams are pinned: each built-in check's key is the name that seeded it before keys
+    existed, so the report's draws (and numbers) did not change when keys were introduced."""
+    keys = [check.stream for check in checks.CHECKS]
+    assert keys == [check.__name__ for check in checks.CHECKS]
+    assert len(set(keys)) == len(keys)
+
+
+def test_renaming_or_wrapping_a_check_keeps_its_random_stream(monkeypatch):
+    """A check renamed (wrapped under another name) draws the same numbers: the generator is
+    seeded from its stream key, not from its Python name; another key gives other draws."""
+    case = builtin_models()[0]
+    original = checks.check_elbo_estimator
+
+    @functools.wraps(original)
+    def renamed(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    renamed.__name__ = renamed.__qualname__ = "check_that_the_single_sample_estimator_is_unbiased"
+
+    @checks.stream("another_key")
+    def other(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(checks, "PROBLEMS", ())
+    rows = {}
+    for label, check in [("original", original), ("renamed", renamed), ("other", other)]:
+        monkeypatch.setattr(checks, "CHECKS", (check,))
+        (result,), _ = cli.run_battery([case], TINY, seed=5, progress=False)
+        rows[label] = result.rows[0]
+    assert renamed.stream == "check_elbo_estimator"
+    assert rows["renamed"] == rows["original"]
+    assert rows["other"].error != rows["original"].error
+
+
+def test_a_check_without_a_stream_key_is_refused(monkeypatch):
+    """A check that is not marked with @stream fails loudly rather than picking a stream."""
+    monkeypatch.setattr(checks, "CHECKS", (lambda model, x, generator, *, budget: None,))
+    monkeypatch.setattr(checks, "PROBLEMS", ())
+    with pytest.raises(TypeError, match="no stream key"):
+        cli.run_battery(builtin_models()[:1], TINY, seed=0, progress=False)
+
+
+_BACKEND_PROBE = """
+import matplotlib
+default = matplotlib.get_backend()
+matplotlib.use("svg")  # a backend the user chose, that the old module-level use("Agg") replaced
+import toyvae.report.plots
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+matplotlib.use(default)
+import toyvae.report.cli
+assert matplotlib.get_backend() == default, (matplotlib.get_backend(), default)
+"""
+
+
+def test_importing_the_report_leaves_matplotlibs_backend_alone():
+    """`import toyvae.report.plots` (and the CLI module) keeps whatever backend was in use; only
+    the command chooses Agg, when it writes plots. In a fresh interpreter, MPLBACKEND unset."""
+    env = {key: value for key, value in os.environ.items() if key != "MPLBACKEND"}
+    result = subprocess.run(
+        [sys.executable, "-c", _BACKEND_PROBE], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_command_chooses_agg_when_it_writes_plots(tiny, tmp_path, monkeypatch):
+    """With --out, the command (which owns the process) switches matplotlib to Agg first."""
+    import matplotlib
+
+    monkeypatch.setattr(checks, "CHECKS", (checks.check_identity,))
+    monkeypatch.setattr(checks, "PROBLEMS", ())
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        assert cli.main(["report", "--quick", "--out", str(tmp_path)]) == 0
+        assert matplotlib.get_backend().lower() == "agg"
+    finally:
+        matplotlib.use(previous)

@@ -73,15 +73,26 @@ def _seed(text: str) -> int:
 
 
 def _generator(seed: int, *labels: str, device) -> torch.Generator:
-    """A generator per (seed, model, check): rows do not depend on which other rows ran."""
+    """A generator per (seed, model, stream): rows do not depend on which other rows ran."""
     key = zlib.crc32("/".join([str(seed), *labels]).encode())
     return torch.Generator(device=device).manual_seed(seed * 2**32 + key)
 
 
+def _stream(check) -> str:
+    """A check's random-stream key (:func:`toyvae.report.checks.stream`), not its name."""
+    key = getattr(check, "stream", None)
+    if not isinstance(key, str):
+        raise TypeError(
+            f"check {getattr(check, '__name__', check)!r} has no stream key: mark it with "
+            "@toyvae.report.checks.stream(key)"
+        )
+    return key
+
+
 def _data(case: Case, budget: checks.Budget, seed: int) -> torch.Tensor:
     if case.x is not None:
-        return case.x
-    generator = _generator(seed, case.name, "data", device=case.model.weight.device)
+        return case.model.check_data(case.x)
+    generator = _generator(seed, case.name, "data", device=case.model.device)
     return case.model.sample((budget.points,), generator=generator)[0]
 
 
@@ -106,11 +117,12 @@ def run_battery(cases, budget: checks.Budget, seed: int, *, progress: bool = Tru
     bar = tqdm(tasks, desc="toyvae report", unit="check", disable=not progress, file=sys.stderr)
     for case, check in bar:
         label = PROBLEMS_NAME if case is None else case.name
-        bar.set_postfix_str(f"{label}: {check.__name__.split('_', 1)[1]}")
+        name = getattr(check, "__name__", "?").removeprefix("check_").removeprefix("problem_")
+        bar.set_postfix_str(f"{label}: {name}")
         if case is None:
             problem_rows.append(check(budget=budget))
             continue
-        generator = _generator(seed, case.name, check.__name__, device=case.model.weight.device)
+        generator = _generator(seed, case.name, _stream(check), device=case.model.device)
         rows[case.name].append(check(case.model, data[case.name], generator, budget=budget))
     results = [ModelResult(c.name, c.description, rows[c.name]) for c in cases]
     if problem_rows:
@@ -123,6 +135,20 @@ def _prepare_out(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _UsageError(f"toyvae report: error: --out {out}: {error.strerror or error}") from None
+
+
+def _plotting():
+    """The plot writer, with matplotlib's non-interactive Agg backend chosen first.
+
+    The command owns the process, so it picks the backend, and only when plots are written:
+    importing toyvae (or :mod:`toyvae.report.plots`) never changes matplotlib's global state.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; before pyplot is imported by the plots
+    from toyvae.report.plots import write_plots
+
+    return write_plots
 
 
 def _report(args) -> int:
@@ -146,7 +172,7 @@ def _report(args) -> int:
     )
     print(table(results, header))
     if args.out is not None:
-        from toyvae.report.plots import write_plots  # matplotlib only when plots are asked for
+        write_plots = _plotting()
 
         settings = {"quick": args.quick, "seed": args.seed, "seconds": round(elapsed, 2)}
         (args.out / "report.md").write_text(markdown(results, header), encoding="utf-8")

@@ -15,18 +15,33 @@ import numpy as np
 import torch
 
 from toyvae._checks import describe
+from toyvae.hierarchical import HierarchicalLinearGaussian
+from toyvae.interface import ConjugateModel
 from toyvae.model import LinearGaussian
+from toyvae.state_space import LinearGaussianSSM
 
 __all__ = ["Case", "builtin_models", "load_model"]
 
 
 class Case(NamedTuple):
-    """A model to run the battery on, its one-line description, and optionally its data."""
+    """A model to run the battery on, its one-line description, and optionally its data.
+
+    Attributes
+    ----------
+    name : str
+        The model's name in the table (``ppca``, or a ``--model`` file's stem).
+    description : str
+        One line: the family, its sizes and what is special about it.
+    model : ConjugateModel
+        Any model family of :class:`toyvae.ConjugateModel`.
+    x : tensor or None
+        The data, (*batch, *data_event_shape); sampled from the model when ``None``.
+    """
 
     name: str
     description: str
-    model: LinearGaussian
-    x: torch.Tensor | None = None  # (N, D); sampled from the model when None
+    model: ConjugateModel
+    x: torch.Tensor | None = None
 
 
 def _rng(seed: int) -> np.random.Generator:
@@ -97,14 +112,54 @@ def _ill_conditioned() -> Case:
     )
 
 
+def _hierarchical() -> Case:
+    rng = _rng(6)
+    d, sizes = 6, (2, 2)
+    variances = np.exp(rng.uniform(np.log(0.2), np.log(2.0), size=d))
+    model = HierarchicalLinearGaussian(
+        [rng.normal(size=(d, sizes[0])), rng.normal(size=sizes)],
+        [rng.normal(size=d), rng.normal(size=sizes[0])],
+        [variances, 0.5],
+    )
+    return Case(
+        "hierarchical",
+        f"hierarchical: z₂ → z₁ → x, D={d}, K₁={sizes[0]}, K₂={sizes[1]}, diagonal Ψ₀ in "
+        "[0.2, 2], Ψ₁ = 0.5·I",
+        model,
+    )
+
+
+def _state_space() -> Case:
+    rng = _rng(7)
+    d, k, steps = 3, 1, 4
+    variances = np.exp(rng.uniform(np.log(0.2), np.log(2.0), size=d))
+    model = LinearGaussianSSM(
+        np.full((k, k), 0.9),
+        0.3,
+        rng.normal(size=(d, k)),
+        variances,
+        emission_bias=rng.normal(size=d),
+        num_steps=steps,
+    )
+    return Case(
+        "state-space",
+        f"state space: T={steps}, D={d}, K={k} (T·K={steps * k} latents), A = 0.9, Q = 0.3, "
+        "diagonal R in [0.2, 2]",
+        model,
+    )
+
+
 def builtin_models(*, quick: bool = False) -> list[Case]:
-    """PPCA, factor analysis, full Ψ, a high-dimensional and an ill-conditioned model."""
+    """PPCA, factor analysis, full Ψ, a high-dimensional and an ill-conditioned model, then a
+    hierarchical and a state-space model (on which the linear-Gaussian rows are skipped)."""
     return [
         _ppca(),
         _factor_analysis(),
         _full_noise(),
         _high_dimensional(1000 if quick else 2000),
         _ill_conditioned(),
+        _hierarchical(),
+        _state_space(),
     ]
 
 
@@ -144,7 +199,7 @@ def load_model(path) -> Case:
         model = LinearGaussian(arrays["weight"], arrays["bias"], arrays["noise_variance"])
         x = None
         if "x" in arrays:
-            x = model._check_x(arrays["x"])
+            x = model.check_data(arrays["x"])
             if x.ndim != 2 or x.shape[0] == 0:
                 raise ValueError(f"x must be an (N, D) matrix with N ≥ 1 rows, got {describe(x)}")
     except (TypeError, ValueError) as error:

@@ -1,4 +1,7 @@
-"""The report's plots (PNG, matplotlib's Agg backend): only drawn when ``--out`` is given.
+"""The report's plots (PNG): only drawn when ``--out`` is given.
+
+Importing this module leaves matplotlib's backend alone; the ``toyvae`` command, which owns
+the process, chooses the non-interactive Agg backend before it draws.
 
 - ``interpolation.png``: ELBO(q_t) against log p(x) along a path from a q to the posterior.
 - ``iwae.png``: Monte Carlo IWAE bound L_k against k, between the ELBO and log p(x), with the
@@ -12,9 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -27,12 +27,9 @@ from toyvae.estimators import (
 )
 from toyvae.gaussians import as_gaussian
 from toyvae.gradients import ESTIMATORS, gradient_estimator_moments
-from toyvae.report.checks import (
-    Budget,
-    _wide_gaussian,
-    interpolation,
-    random_gaussians,
-)
+from toyvae.report._rows import Budget
+from toyvae.report._series import interpolation
+from toyvae.report._variational import random_gaussians, wide_gaussian
 
 __all__ = ["write_plots"]
 
@@ -59,7 +56,8 @@ def _interpolation(items, path: Path) -> Path:
         q = random_gaussians(case.model, x[:1], generator)[2]
         t, values = interpolation(case.model, x, q)
         ax.plot(t, values, label="ELBO(q_t)")
-        ax.axhline(float(case.model.log_evidence(x[0])), color="k", ls="--", label="log p(x)")
+        log_p = float(case.model.exact(x[:1]).log_evidence[0])
+        ax.axhline(log_p, color="k", ls="--", label="log p(x)")
         ax.set(title=case.name, xlabel="t (0: q, 1: posterior)")
         ax.legend(fontsize=8)
     return _save(figure, path)
@@ -70,8 +68,8 @@ def _iwae(items, budget: Budget, path: Path) -> Path:
     ks = np.array(budget.iwae_ks)
     for ax, (case, x, generator) in zip(axes, items, strict=False):
         model, point = case.model, x[:1]
-        q = _wide_gaussian(model, point, generator)
-        log_p = float(model.log_evidence(point)[0])
+        q = wide_gaussian(model, point, generator)
+        log_p = float(model.exact(point).log_evidence[0])
         exact_elbo = float(log_weight_moments(model, point, q).mean[0])
         chi2 = float(chi_square_divergence(model, point, q)[0])
         means, errors = [], []
@@ -97,7 +95,7 @@ def _variances(items, budget: Budget, path: Path) -> Path:
     for ax, (case, x, generator) in zip(axes, small, strict=False):
         model, point = case.model, x[:1]
         g = as_gaussian(random_gaussians(model, point, generator)[2])
-        post = model.posterior(point)
+        post = model.exact(point).posterior
         # Up to t = 0.95: at t = 1 the path-derivative variance is 0 up to rounding (~1e-30),
         # which would flatten every other curve on the log axis.
         ts = np.linspace(0, 0.95, 10).tolist()
