@@ -4,6 +4,7 @@ log p_θ(x) = ELBO(q) + KL(q ‖ p_θ(z|x)), computed exactly for every Gaussian
 """
 
 from toyvae.bounds import elbo, expected_log_likelihood, kl_to_posterior, kl_to_prior
+from toyvae.encoder import LinearGaussianEncoder
 from toyvae.estimators import (
     LogWeightMoments,
     chi_square_divergence,
@@ -23,8 +24,21 @@ from toyvae.gradients import (
     gradient_draws,
     gradient_estimator_moments,
 )
-from toyvae.interface import ConjugateModel, Exact
+from toyvae.hierarchical import (
+    HierarchicalLinearGaussian,
+    LayerwiseELBO,
+    TopDownGaussian,
+    layerwise_elbo,
+)
+from toyvae.interface import ConjugateModel, Exact, StructuredGaussian
 from toyvae.model import LinearGaussian
+from toyvae.state_space import (
+    LinearGaussianSSM,
+    MarkovGaussian,
+    Smoothed,
+    markov_elbo,
+    markov_kl_to_posterior,
+)
 from toyvae.stats import MeanEstimate, gauss_hermite_noise, median_of_means, median_of_means_plan
 
 __version__ = "0.1.0"
@@ -35,9 +49,17 @@ __all__ = [
     "Exact",
     "Gaussian",
     "GradientMoments",
+    "HierarchicalLinearGaussian",
+    "LayerwiseELBO",
     "LinearGaussian",
+    "LinearGaussianEncoder",
+    "LinearGaussianSSM",
     "LogWeightMoments",
+    "MarkovGaussian",
     "MeanEstimate",
+    "Smoothed",
+    "StructuredGaussian",
+    "TopDownGaussian",
     "as_gaussian",
     "chi_square_divergence",
     "elbo",
@@ -54,9 +76,12 @@ __all__ = [
     "iwae_first_order_bias",
     "kl_to_posterior",
     "kl_to_prior",
+    "layerwise_elbo",
     "log_weight_moments",
     "log_weights",
     "log_weights_at",
+    "markov_elbo",
+    "markov_kl_to_posterior",
     "median_of_means",
     "median_of_means_plan",
 ]

@@ -29,6 +29,14 @@ class Frozen:
         object.__setattr__(self, "_watched", watched)
         object.__setattr__(self, "_frozen", True)
 
+    def _replace(self, **attributes):
+        """A copy with some private attributes replaced, watching the same parameters."""
+        copy = object.__new__(type(self))
+        object.__setattr__(copy, "__dict__", dict(self.__dict__))
+        for name, value in attributes.items():
+            object.__setattr__(copy, f"_{name}", value)
+        return copy
+
     def __setattr__(self, name, value):
         if self._frozen:
             raise AttributeError(

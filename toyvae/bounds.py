@@ -17,22 +17,35 @@ import torch
 
 from toyvae._checks import broadcast_batch
 from toyvae.gaussians import Gaussian, _kl, as_gaussian, standard_normal
-from toyvae.interface import ConjugateModel, batch_shape, check_model
+from toyvae.interface import (
+    ConjugateModel,
+    StructuredGaussian,
+    batch_shape,
+    check_model,
+    for_data,
+)
 
 __all__ = ["elbo", "expected_log_likelihood", "kl_to_posterior", "kl_to_prior"]
 
 
-def check_inputs(model, x, q) -> tuple[torch.Tensor, Gaussian]:
-    """Validate (model, x, q); return x as a tensor and q in canonical form, in model's dtype."""
-    check_model(model)
+def check_call(model, x, q) -> tuple[ConjugateModel, torch.Tensor, Gaussian]:
+    """Validate (model, x, q) for a call: the model (bound to x when its family needs that,
+    :func:`toyvae.interface.for_data`), x as a tensor and q in canonical form, in model's dtype.
+    """
+    model = check_model(for_data(model, x))
     x = model.check_data(x)
     gq = as_gaussian(q, "q", dim=model.latent_dim)
     broadcast_batch(q=gq.loc.shape[:-1], x=batch_shape(model, x))
     gq = Gaussian(gq.loc.to(model.dtype), gq.scale_tril.to(model.dtype))
-    return x, gq
+    return model, x, gq
 
 
-_check_inputs = check_inputs  # the name the estimators and older code import
+def check_inputs(model, x, q) -> tuple[torch.Tensor, Gaussian]:
+    """:func:`check_call` without the model: x and q in canonical form."""
+    return check_call(model, x, q)[1:]
+
+
+_check_inputs = check_inputs  # the name older code imports
 
 
 def _prior(model: ConjugateModel) -> Gaussian:
@@ -50,7 +63,7 @@ def expected_log_likelihood(model, x, q) -> torch.Tensor:
     (for the linear-Gaussian model; each family computes its own). Shape: the broadcast of q's
     batch shape with x's.
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     return model.expected_log_likelihood(x, gq)
 
 
@@ -76,10 +89,14 @@ def elbo(model, x, q) -> torch.Tensor:
             = \mathbb E_q\log p_\theta(x\mid z) - \mathrm{KL}(q\,\|\,p(z))
             \le \log p_\theta(x)
 
-    with equality exactly when q = p_θ(z|x). ``model`` is any :class:`toyvae.ConjugateModel`.
-    Shape: the broadcast of q's batch shape with x's.
+    with equality exactly when q = p_θ(z|x). ``model`` is any :class:`toyvae.ConjugateModel`;
+    ``q`` a torch Gaussian, or a :class:`toyvae.StructuredGaussian` (a Markov chain, a top-down
+    hierarchy), whose ELBO is computed by its own per-step or per-layer route. Shape: the
+    broadcast of q's batch shape with x's.
     """
-    x, gq = check_inputs(model, x, q)
+    if isinstance(q, StructuredGaussian):
+        return q.elbo(model, x)
+    model, x, gq = check_call(model, x, q)
     return model.expected_log_likelihood(x, gq) - _kl(gq, _prior(model))
 
 
@@ -87,7 +104,10 @@ def kl_to_posterior(model, x, q) -> torch.Tensor:
     r"""KL(q(z) ‖ p_θ(z|x)) in closed form, from the exact posterior's Cholesky factor.
 
     Computed directly (not as log p(x) − ELBO), so the identity
-    log p(x) = ELBO(q) + KL(q ‖ p(z|x)) is a check between independent computations.
+    log p(x) = ELBO(q) + KL(q ‖ p(z|x)) is a check between independent computations. A
+    :class:`toyvae.StructuredGaussian` q computes it from its structure.
     """
-    x, gq = check_inputs(model, x, q)
+    if isinstance(q, StructuredGaussian):
+        return q.kl_to_posterior(model, x)
+    model, x, gq = check_call(model, x, q)
     return _kl(gq, model.exact(x).posterior)

@@ -34,7 +34,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from toyvae._checks import broadcast_batch, check_count, describe
-from toyvae.bounds import check_inputs
+from toyvae.bounds import check_call
 from toyvae.gaussians import Gaussian, kl_from_relative, relative
 from toyvae.interface import ConjugateModel, batch_shape
 
@@ -202,7 +202,7 @@ def log_weights(model, x, q, num_samples, *, generator=None, method="structured"
     -------
     (num_samples, *batch) tensor
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     num_samples = check_count(num_samples, "num_samples")
     _check_generator(generator)
     _check_method(method)
@@ -217,7 +217,7 @@ def log_weights_at(model, x, q, noise, *, method="structured"):
     ``x.shape[:-1]`` with q's batch shape. Use it for common random numbers across methods, or
     with :func:`gauss_hermite_noise` nodes for exact expectations of polynomials in ε.
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     _check_method(method)
     eps = _check_noise(noise, model, x, gq)
     return _log_weights(model, x, gq, eps, method)
@@ -245,7 +245,7 @@ def iwae_estimates(model, x, q, k, num_estimates, *, generator=None, method="str
 
     Vectorised: one (num_estimates, k, *batch) array of log weights, no Python loop.
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     k = check_count(k, "k")
     num_estimates = check_count(num_estimates, "num_estimates")
     _check_generator(generator)
@@ -277,7 +277,7 @@ def log_weight_moments(model, x, q) -> LogWeightMoments:
     (E εᵀAε = tr A, Var(εᵀAε + bᵀε) = 2 tr A² + ‖b‖²). The variance is zero exactly when
     B is orthogonal and c = 0, i.e. q = p(z|x).
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     w = whitened(model, x, gq)
     mean = w.log_evidence - w.kl
     # I − BᵀB = −(E + Eᵀ + EᵀE) with B = I + E: no cancellation near the posterior.
@@ -318,7 +318,7 @@ def chi_square_divergence(model, x, q) -> torch.Tensor:
     The integral is finite iff M ≻ 0, i.e. 2Λ − Σ_q⁻¹ ≻ 0: q must not be much narrower than
     the posterior in any direction. Where it is not, the result is ``inf`` (never NaN).
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     return torch.expm1(_log_second_moment(whitened(model, x, gq)))
 
 
@@ -359,10 +359,10 @@ def log_weight_cumulants(model, x, q) -> tuple[torch.Tensor, torch.Tensor]:
     (kappa2, kappa4) : tensors
         Each of the broadcast batch shape of x and q.
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     w = whitened(model, x, gq)
-    eye = torch.eye(gq.dim, dtype=gq.loc.dtype, device=gq.loc.device)
-    a = 0.5 * (eye - w.scale.mT @ w.scale)
+    # A = ½(I − BᵀB) = −½(E + Eᵀ + EᵀE) with B = I + E: no cancellation near the posterior.
+    a = -0.5 * (w.excess + w.excess.mT + w.excess.mT @ w.excess)
     b = -(w.offset.unsqueeze(-2) @ w.scale).squeeze(-2)
     a2 = a @ a
     kappa2 = 2 * a2.diagonal(dim1=-2, dim2=-1).sum(-1) + b.square().sum(-1)

@@ -48,10 +48,13 @@ def standard_normal(dim: int, dtype: torch.dtype, device=None) -> Gaussian:
 def as_gaussian(q, name: str = "q", *, dim: int | None = None) -> Gaussian:
     """Read a torch Gaussian into canonical form, validating it.
 
-    Accepts a ``MultivariateNormal`` or an ``Independent(Normal, 1)``; ``dim`` is the expected
-    event size. Raises ``TypeError`` for other objects and ``ValueError`` for a wrong event
+    Accepts a ``MultivariateNormal``, an ``Independent(Normal, 1)``, or a structured q with a
+    ``to_multivariate_normal()`` method (:class:`toyvae.StructuredGaussian`); ``dim`` is the
+    expected event size. Raises ``TypeError`` for other objects and ``ValueError`` for a wrong event
     shape, a non-finite mean or a non-positive scale.
     """
+    if not isinstance(q, torch.distributions.Distribution) and hasattr(q, "to_multivariate_normal"):
+        q = q.to_multivariate_normal()  # a structured q (toyvae.StructuredGaussian): dense form
     if isinstance(q, MultivariateNormal):
         loc, scale_tril = q.loc, q.scale_tril
         diagonal = scale_tril.diagonal(dim1=-2, dim2=-1)

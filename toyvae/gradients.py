@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from toyvae._checks import broadcast_batch, check_count
-from toyvae.bounds import check_inputs
+from toyvae.bounds import check_call
 from toyvae.estimators import (
     _affine,
     _check_generator,
@@ -96,7 +96,7 @@ def elbo_surrogate_at(model, x, q, noise, *, estimator="reparameterization"):
     ``noise`` has shape (*sample_shape, *batch, K); the result has shape (*sample_shape,
     *batch).
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     _check_estimator(estimator)
     return _surrogate(model, x, gq, _check_noise(noise, model, x, gq), estimator)
 
@@ -122,7 +122,7 @@ def elbo_surrogate(model, x, q, num_samples, *, estimator="reparameterization", 
     estimator : {"reparameterization", "path_derivative", "score_function"}
     generator : torch.Generator, optional
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     num_samples = check_count(num_samples, "num_samples")
     _check_estimator(estimator)
     _check_generator(generator)
@@ -174,7 +174,7 @@ def gradient_estimator_moments(model, x, q, inputs, *, estimator="reparameteriza
     for a batch this is the estimator with common noise; for one x it is the estimator itself.
     ``inputs`` are the tensors to differentiate (q's or the model's parameters).
     """
-    x, gq = check_inputs(model, x, q)
+    model, x, gq = check_call(model, x, q)
     _check_estimator(estimator)
     inputs = tuple(inputs)
     nodes, weights = gauss_hermite_noise(gq.dim, 5, dtype=gq.loc.dtype, device=gq.loc.device)

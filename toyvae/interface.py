@@ -28,7 +28,14 @@ from torch.distributions import MultivariateNormal
 
 from toyvae.gaussians import Gaussian
 
-__all__ = ["ConjugateModel", "Exact", "batch_shape", "check_model"]
+__all__ = [
+    "ConjugateModel",
+    "Exact",
+    "StructuredGaussian",
+    "batch_shape",
+    "check_model",
+    "for_data",
+]
 
 
 class Exact(NamedTuple):
@@ -110,6 +117,42 @@ class ConjugateModel(Protocol):
         ELBO(q) and KL(q ‖ p(z|x)); with ``z``, of log p(x, z) and log p(z|x)), by textbook
         formulas. Shape: the broadcast batch shape."""
         ...
+
+
+@runtime_checkable
+class StructuredGaussian(Protocol):
+    """A Gaussian q given by its structure: a Markov chain over time steps, a top-down hierarchy.
+
+    Such a q is what sequential and hierarchical VAEs produce. :func:`toyvae.elbo` and
+    :func:`toyvae.kl_to_posterior` hand it to its own ``elbo`` and ``kl_to_posterior``, which
+    use the structure (per-step or per-layer terms, never a dense T·K × T·K matrix); every other
+    function (the log weights, IWAE, χ², gradients) uses its dense form
+    :meth:`to_multivariate_normal`.
+    """
+
+    def to_multivariate_normal(self) -> MultivariateNormal:
+        """q as one MultivariateNormal over the flat latents (dense)."""
+        ...
+
+    def elbo(self, model, x) -> torch.Tensor:
+        """ELBO(q) at x, by the structure's own route (validating model and x)."""
+        ...
+
+    def kl_to_posterior(self, model, x) -> torch.Tensor:
+        """KL(q ‖ p(z|x)), computed independently of :meth:`elbo`."""
+        ...
+
+
+def for_data(model, x):
+    """``model`` bound to the data x, for families whose event shape depends on the data.
+
+    A family may define ``for_data(x)``, returning a :class:`ConjugateModel` for x's shape (a
+    state-space model reads the sequence length T from x: its latent size is T·K). The generic
+    functions call it first, so such a model is used unbound; other models are returned as they
+    are.
+    """
+    hook = getattr(type(model), "for_data", None)
+    return model if hook is None else hook(model, x)
 
 
 def check_model(model) -> ConjugateModel:

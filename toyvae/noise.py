@@ -61,6 +61,10 @@ class IsotropicNoise:
         eye = torch.eye(self.dim, dtype=self.variance.dtype, device=self.variance.device)
         return self.variance * eye
 
+    def tril(self) -> torch.Tensor:
+        """L_Ψ as a (D, D) lower-triangular matrix: for small D only."""
+        return torch.diag_embed(self._std().expand(self.dim))
+
 
 class DiagonalNoise(IsotropicNoise):
     """Ψ = diag(v), from a (D,) tensor of variances."""
@@ -116,6 +120,9 @@ class FullNoise:
 
     def dense(self) -> torch.Tensor:
         return self.variance
+
+    def tril(self) -> torch.Tensor:
+        return self._tril()
 
 
 def noise_covariance(variance: torch.Tensor, dim: int, name: str = "noise_variance"):

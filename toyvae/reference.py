@@ -265,3 +265,167 @@ def elbo(weight, bias, noise_variance, x, mean_q, cov_q):
     """ELBO(q) = E_q log p(x|z) − KL(q ‖ p(z)); broadcasts like :func:`expected_log_likelihood`."""
     reconstruction = expected_log_likelihood(weight, bias, noise_variance, x, mean_q, cov_q)
     return reconstruction - kl_to_prior(mean_q, cov_q)
+
+
+# -- the hierarchical model (toyvae.HierarchicalLinearGaussian) ---------------------------------
+
+__all__ += ["gaussian_chain", "hierarchical_exact"]
+
+
+def gaussian_chain(
+    top_mean, top_cov, weights, biases, covariances
+) -> tuple[np.ndarray, np.ndarray]:
+    """The joint (mean, covariance) of y_0, …, y_n: y_0 ~ N(m, P), y_j = W_j y_{j−1} + b_j + e_j.
+
+    e_j ~ N(0, Σ_j) independent; lists in generation order (W_1, …, W_n). By the textbook
+    propagation (Bishop, *Pattern Recognition and Machine Learning*, §2.3.3): E y_j = W_j E y_{j−1}
+    + b_j, Cov(y_j, y_i) = W_j Cov(y_{j−1}, y_i) for i < j, Var y_j = W_j Var(y_{j−1}) W_jᵀ + Σ_j.
+    Returns the stacked mean (Σ sizes,) and the dense covariance, y_0 first.
+    """
+    mean = _array(top_mean, "top_mean")
+    cov = _covariances(top_cov, "top_cov", mean.shape[-1])
+    previous = slice(0, mean.shape[-1])
+    for j, (weight, bias, sigma) in enumerate(zip(weights, biases, covariances, strict=True)):
+        weight = _array(weight, f"weights[{j}]")
+        n = weight.shape[0]
+        bias = np.zeros(n) if bias is None else _array(bias, f"biases[{j}]")
+        sigma = _covariances(sigma, f"covariances[{j}]", n)
+        cross = weight @ cov[previous, :]  # Cov(y_j, everything so far)
+        variance = weight @ cov[previous, previous] @ weight.T + sigma
+        cov = np.block([[cov, cross.T], [cross, variance]])
+        mean = np.concatenate([mean, weight @ mean[previous] + bias])
+        previous = slice(len(mean) - n, len(mean))
+    return mean, cov
+
+
+def hierarchical_exact(weights, biases, noise_variances, x):
+    """log p(x) and p(z|x) of the hierarchical model, by Gaussian conditioning of the dense joint.
+
+    The model of :class:`toyvae.HierarchicalLinearGaussian`: lists ordered from the data side
+    (``weights[0]`` is W_0, (D, K_1)); ``biases`` None or a list with None entries for zeros;
+    ``noise_variances`` one variance shared by all layers or a list (scalar, vector or matrix
+    each). The joint of (z_L, …, z_1, x) comes from :func:`gaussian_chain`; then p(x) is its
+    x-marginal, by scipy, and the posterior is the textbook conditional (Bishop §2.3.1):
+
+        μ = μ_z + Σ_zx Σ_xx⁻¹ (x − μ_x),     Σ = Σ_zz − Σ_zx Σ_xx⁻¹ Σ_xz.
+
+    Returns ``(log_evidence, means, covariance)``: log p(x) of shape x.shape[:-1] (a float for
+    one x), posterior means (..., K) over the flat latents (z_L, …, z_1), and the (K, K)
+    posterior covariance.
+    """
+    weights = [_array(w, f"weights[{layer}]") for layer, w in enumerate(weights)]
+    sizes = [w.shape[0] for w in weights]
+    num_layers = len(weights)
+    biases = [None] * num_layers if biases is None else list(biases)
+    if not isinstance(noise_variances, list | tuple):
+        noise_variances = [noise_variances] * num_layers
+    noises = [noise_covariance(v, n) for v, n in zip(noise_variances, sizes, strict=True)]
+    top = weights[-1].shape[1]
+    order = list(range(num_layers - 1, -1, -1))  # generation order: W_{L−1}, …, W_0
+    mean, cov = gaussian_chain(
+        np.zeros(top),
+        np.eye(top),
+        [weights[layer] for layer in order],
+        [biases[layer] for layer in order],
+        [noises[layer] for layer in order],
+    )
+    d = sizes[0]
+    x = _vectors(x, "x", d, "the data dimension D")
+    k = len(mean) - d
+    z, o = slice(0, k), slice(k, k + d)
+    log_evidence = _result(_logpdf(x - mean[o], cov[o, o]), x.shape[:-1])
+    gain = cov[z, o] @ np.linalg.inv(cov[o, o])  # Σ_zx Σ_xx⁻¹, (K, D)
+    means = mean[z] + (x - mean[o]) @ gain.T
+    covariance = cov[z, z] - gain @ cov[o, z]
+    return log_evidence, means, covariance
+
+
+# -- the state-space model (toyvae.LinearGaussianSSM) -------------------------------------------
+
+__all__ += ["ssm_exact", "ssm_moments"]
+
+
+def ssm_moments(
+    transition,
+    transition_noise,
+    emission,
+    emission_noise,
+    emission_bias,
+    initial_mean,
+    initial_covariance,
+    num_steps: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The stacked prior and data moments of the linear-Gaussian state-space model.
+
+    z₁ ~ N(m₀, P₀), z_t = A z_{t−1} + N(0, Q), x_t = C z_t + d + N(0, R). By the textbook
+    propagation (Bishop, *Pattern Recognition and Machine Learning*, §13.3): E z_t = A^{t−1} m₀,
+    Var z_t = A Var(z_{t−1}) Aᵀ + Q, Cov(z_t, z_s) = A^{t−s} Var z_s for t ≥ s; and
+    x_{1:T} = (I_T ⊗ C) z_{1:T} + 1_T ⊗ d + noise of covariance I_T ⊗ R.
+    Returns ``(mean_z (TK,), cov_z (TK, TK), mean_x (TD,), cov_x (TD, TD))``. Noise arguments
+    are a scalar, a vector of variances or a matrix (``noise_covariance``); ``None`` for d, m₀,
+    P₀ means zeros, zeros and the identity.
+    """
+    a = _array(transition, "transition")
+    c = _array(emission, "emission")
+    d_size, k = c.shape
+    q = noise_covariance(transition_noise, k)
+    r = noise_covariance(emission_noise, d_size)
+    d = np.zeros(d_size) if emission_bias is None else _array(emission_bias, "emission_bias")
+    m0 = np.zeros(k) if initial_mean is None else _array(initial_mean, "initial_mean")
+    p0 = np.eye(k) if initial_covariance is None else noise_covariance(initial_covariance, k)
+    means, variances = [m0], [p0]
+    for _ in range(1, num_steps):
+        means.append(a @ means[-1])
+        variances.append(a @ variances[-1] @ a.T + q)
+    cov_z = np.zeros((num_steps * k, num_steps * k))
+    for s in range(num_steps):
+        block = variances[s]
+        for t in range(s, num_steps):
+            cov_z[t * k : (t + 1) * k, s * k : (s + 1) * k] = block
+            cov_z[s * k : (s + 1) * k, t * k : (t + 1) * k] = block.T
+            block = a @ block
+    stacked_c = np.kron(np.eye(num_steps), c)
+    mean_z = np.concatenate(means)
+    mean_x = stacked_c @ mean_z + np.tile(d, num_steps)
+    cov_x = stacked_c @ cov_z @ stacked_c.T + np.kron(np.eye(num_steps), r)
+    return mean_z, cov_z, mean_x, cov_x
+
+
+def ssm_exact(
+    transition,
+    transition_noise,
+    emission,
+    emission_noise,
+    emission_bias,
+    initial_mean,
+    initial_covariance,
+    x,
+):
+    """log p(x_{1:T}) and p(z_{1:T}|x) of the state-space model, by dense Gaussian conditioning.
+
+    x is (..., T, D). log p(x) is scipy's log-density of the stacked x under N(mean_x, cov_x)
+    from :func:`ssm_moments`; the posterior is the textbook conditional (Bishop §2.3.1),
+    μ = μ_z + Σ_zx Σ_xx⁻¹ (x − μ_x), Σ = Σ_zz − Σ_zx Σ_xx⁻¹ Σ_xz. Returns
+    ``(log_evidence, means (..., T·K), covariance (T·K, T·K))``.
+    """
+    x = _array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (..., T, D), got shape {x.shape}")
+    num_steps = x.shape[-2]
+    mean_z, cov_z, mean_x, cov_x = ssm_moments(
+        transition,
+        transition_noise,
+        emission,
+        emission_noise,
+        emission_bias,
+        initial_mean,
+        initial_covariance,
+        num_steps,
+    )
+    stacked = x.reshape(*x.shape[:-2], -1)
+    stacked_c = np.kron(np.eye(num_steps), _array(emission, "emission"))
+    cross = cov_z @ stacked_c.T  # Σ_zx
+    gain = cross @ np.linalg.inv(cov_x)
+    log_evidence = _result(_logpdf(stacked - mean_x, cov_x), x.shape[:-2])
+    means = mean_z + (stacked - mean_x) @ gain.T
+    return log_evidence, means, cov_z - gain @ cross.T

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from toyvae.gaussians import Gaussian, as_gaussian
-from toyvae.interface import check_model
+from toyvae.interface import check_model, for_data
 
 __all__ = ["EPS", "identity_tolerance", "magnitude", "posterior_condition"]
 
@@ -31,7 +31,7 @@ def magnitude(model, x: torch.Tensor, q=None, *, z=None) -> torch.Tensor:
     (..., K), those of log p(x, z) and log p(z|x) (Bayes' rule at z). Shape: the broadcast batch
     shape of x, q and z. Each model family states its own (:meth:`ConjugateModel.magnitude`).
     """
-    check_model(model)
+    model = check_model(for_data(model, x))
     gq = None
     if q is not None:
         g = as_gaussian(q)
@@ -49,6 +49,7 @@ def identity_tolerance(model, x: torch.Tensor, q=None, *, z=None) -> torch.Tenso
     ``linear_gaussian_models()`` the largest error seen was 1.04 · eps · M, so the bound is
     not tight but is far below any real defect (a defect changes a term by O(1) of itself).
     """
+    model = for_data(model, x)
     eps = torch.finfo(model.dtype).eps
     return 4 * model.term_count * eps * magnitude(model, x, q, z=z)
 
