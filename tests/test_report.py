@@ -27,8 +27,8 @@ from toyvae.learning import (
     counterexample_objectives,
     ppca_maximum_likelihood,
 )
-from toyvae.report._rows import solve_tolerance
 from toyvae.report.models import builtin_models
+from toyvae.report.rows import solve_tolerance
 
 # The properties the issue asks the report to show, by the names the table gives them.
 PROPERTIES = [

@@ -3,7 +3,7 @@ Fisher's identity.
 
 They need a Gaussian data distribution q(x) and linear-Gaussian encoders built from the model's
 W, b and Ψ, so they are linear-Gaussian rows: for another model family they are skipped
-(:func:`~toyvae.report._rows.skip_unless_linear_gaussian`).
+(:func:`~toyvae.report.rows.skip_unless_linear_gaussian`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from toyvae.aggregate import (
 from toyvae.bounds import elbo, kl_to_posterior
 from toyvae.gaussians import gaussian_kl
 from toyvae.model import LinearGaussian
-from toyvae.report._rows import (
+from toyvae.report.rows import (
     Row,
     options,
     rounding_unit,

@@ -16,7 +16,8 @@ from toyvae.gradients import (
     gradient_draws,
     gradient_estimator_moments,
 )
-from toyvae.report._rows import (
+from toyvae.report._variational import random_gaussians
+from toyvae.report.rows import (
     FALSE_ALARM,
     Budget,
     Row,
@@ -26,7 +27,6 @@ from toyvae.report._rows import (
     stream,
     worst,
 )
-from toyvae.report._variational import random_gaussians
 from toyvae.stats import median_of_means_plan
 
 

@@ -2,7 +2,7 @@
 
 All but the oracle row are written against :class:`toyvae.ConjugateModel` only, so they run on
 every model family; each is held to κ(S)·4(D+K)·eps·M
-(:func:`~toyvae.report._rows.solve_tolerance`).
+(:func:`~toyvae.report.rows.solve_tolerance`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from toyvae import reference
 from toyvae.bounds import elbo, kl_to_posterior, kl_to_prior
 from toyvae.gaussians import Gaussian, as_gaussian
 from toyvae.interface import batch_shape
-from toyvae.report._rows import (
+from toyvae.report._variational import random_gaussians
+from toyvae.report.rows import (
     IDENTITY,
     Budget,
     Row,
@@ -27,7 +28,6 @@ from toyvae.report._rows import (
     stream,
     worst,
 )
-from toyvae.report._variational import random_gaussians
 from toyvae.tolerances import identity_tolerance
 
 

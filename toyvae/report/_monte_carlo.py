@@ -22,7 +22,8 @@ from toyvae.estimators import (
 )
 from toyvae.gaussians import as_gaussian
 from toyvae.interface import batch_shape
-from toyvae.report._rows import (
+from toyvae.report._variational import random_gaussians, wide_gaussian
+from toyvae.report.rows import (
     FALSE_ALARM,
     IDENTITY,
     Budget,
@@ -34,7 +35,6 @@ from toyvae.report._rows import (
     stream,
     worst,
 )
-from toyvae.report._variational import random_gaussians, wide_gaussian
 from toyvae.stats import median_of_means
 from toyvae.tolerances import magnitude, posterior_condition
 

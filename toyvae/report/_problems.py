@@ -18,7 +18,7 @@ from toyvae.learning import (
     ppca_maximum_likelihood,
 )
 from toyvae.model import LinearGaussian
-from toyvae.report._rows import Row, rounding_unit, worst
+from toyvae.report.rows import Row, rounding_unit, worst
 from toyvae.tolerances import identity_tolerance
 
 _SECOND_MOMENT = 3.0  # E[x²] of the counterexample's data

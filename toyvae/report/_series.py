@@ -8,7 +8,7 @@ from torch.distributions import MultivariateNormal
 
 from toyvae.bounds import elbo
 from toyvae.gaussians import as_gaussian
-from toyvae.report._rows import options
+from toyvae.report.rows import options
 
 
 def interpolation(model, x, q, steps: int = 41):

@@ -10,7 +10,7 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from toyvae.interface import ConjugateModel, batch_shape
-from toyvae.report._rows import apply, options
+from toyvae.report.rows import apply, options
 
 
 def random_gaussians(model: ConjugateModel, x: torch.Tensor, generator: torch.Generator):

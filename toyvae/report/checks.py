@@ -53,9 +53,9 @@ from toyvae.report._problems import (
     problem_ppca_elbo,
     problem_ppca_stationary,
 )
-from toyvae.report._rows import FALSE_ALARM, QUICK, Budget, Row, stream  # noqa: F401  (read here by the command)
 from toyvae.report._series import interpolation
 from toyvae.report._variational import random_gaussians
+from toyvae.report.rows import FALSE_ALARM, QUICK, Budget, Row, stream  # noqa: F401  (read here by the command)
 
 __all__ = [
     "CHECKS",

@@ -27,9 +27,9 @@ from toyvae.estimators import (
 )
 from toyvae.gaussians import as_gaussian
 from toyvae.gradients import ESTIMATORS, gradient_estimator_moments
-from toyvae.report._rows import Budget
 from toyvae.report._series import interpolation
 from toyvae.report._variational import random_gaussians, wide_gaussian
+from toyvae.report.rows import Budget
 
 __all__ = ["write_plots"]
 
