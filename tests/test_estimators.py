@@ -437,3 +437,13 @@ def test_median_of_means_radius_is_about_fifteen_standard_errors():
     assert estimate.groups == 25
     assert 14 / 1e3 < float(estimate.radius) < 15 / 1e3
     assert estimate.value == 0
+
+
+def test_non_finite_noise_is_refused():
+    """log_weights_at with a NaN in the noise raises, naming noise, instead of returning NaN."""
+    model = toyvae.LinearGaussian(torch.ones(3, 2, dtype=torch.float64))
+    q = MultivariateNormal(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    noise = torch.zeros(4, 2, dtype=torch.float64)
+    noise[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="noise must be finite"):
+        toyvae.log_weights_at(model, torch.zeros(3, dtype=torch.float64), q, noise)

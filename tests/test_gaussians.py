@@ -177,3 +177,17 @@ def test_kl_of_a_tiny_mean_shift_is_not_zero():
     )
     # ½(1e-8)² is one product and one halving: exact to an ulp.
     assert toyvae.gaussian_kl(q, p).item() == pytest.approx(5e-17, rel=4 * EPS)
+
+
+def test_a_float64_q_that_does_not_fit_a_float32_model_is_refused():
+    """q is validated after the cast to the model's dtype: 1e39 overflows float32, 1e-50 is 0."""
+    model = toyvae.LinearGaussian(torch.ones(3, 2))
+    x = torch.zeros(3)
+    big = MultivariateNormal(torch.full((2,), 1e39, dtype=torch.float64), torch.eye(2))
+    with pytest.raises(ValueError, match=r"q's mean in the model's dtype torch\.float32"):
+        toyvae.elbo(model, x, big)
+    tiny = Independent(
+        Normal(torch.zeros(2, dtype=torch.float64), torch.full((2,), 1e-50, dtype=torch.float64)), 1
+    )
+    with pytest.raises(ValueError, match=r"q's scale in the model's dtype.*strictly positive"):
+        toyvae.kl_to_posterior(model, x, tiny)

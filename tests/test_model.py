@@ -1,5 +1,8 @@
 """LinearGaussian: construction, validation, shapes, dtypes, and its torch distributions."""
 
+import math
+
+import mp_oracle as oracle
 import numpy as np
 import pytest
 import scipy.stats
@@ -378,3 +381,60 @@ def test_sample_accepts_an_int_shape():
     """sample(5) works as in torch: x (5, D), z (5, K)."""
     x, z = small_model().sample(5, generator=torch.Generator().manual_seed(0))
     assert x.shape == (5, 4) and z.shape == (5, 2)
+
+
+# -- inputs at the edges of float64 -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_parameters_are_refused_with_a_type_error(dtype):
+    """float16/bfloat16 weights raise a TypeError naming weight, not a LAPACK error."""
+    with pytest.raises(TypeError, match=r"weight must be float32 or float64.*float16|bfloat16"):
+        toyvae.LinearGaussian(torch.ones(3, 2, dtype=dtype))
+
+
+def test_log_joint_with_batches_that_do_not_broadcast_names_them():
+    """log_joint(x (4, D), z (5, K)) raises a ValueError quoting both batch shapes."""
+    model = small_model()
+    with pytest.raises(ValueError, match=r"x \(4,\) and z \(5,\)"):
+        model.log_joint(torch.zeros(4, 4, dtype=F64), torch.zeros(5, 2, dtype=F64))
+
+
+def test_log_evidence_of_an_overflowing_x_is_minus_infinity():
+    """x near float64's largest number: log p(x) = −inf (its correct rounding), never NaN.
+
+    The quadratic form is at least ‖μ‖² and ‖r̃‖²-sized, far above 1.8e308, so the exact
+    log-density is below −1e300 and rounds to −inf; a row of zeros in the same batch is
+    unaffected, and the posterior refuses the row with a ValueError rather than a NaN mean.
+    """
+    model = small_model("isotropic")
+    x = torch.tensor([[1.7e308] * 4, [0.0] * 4], dtype=F64)
+    values = model.log_evidence(x)
+    assert values[0].item() == -math.inf
+    assert torch.equal(values[1:], model.log_evidence(x[1:]))
+    with pytest.raises(ValueError, match="posterior mean overflows"):
+        model.posterior(x)
+
+
+def test_tiny_noise_and_huge_weights_match_a_700_digit_oracle():
+    """Ψ = 1e-300 and W·1e200: log p(x) within 4 ulps of the exact value (mpmath, 700 digits).
+
+    Where torch's dense MultivariateNormal cannot even factor WWᵀ + Ψ (its entries differ by
+    600 orders of magnitude), the QR of [Ã; I] keeps every quantity representable; 700 digits
+    make the oracle exact for these inputs (60 would lose Ψ next to WWᵀ). 4 ulps: the result
+    is a sum of a few terms of one dominant size, each correctly rounded to an ulp or two.
+    """
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 2, generator=gen, dtype=F64)
+    x = torch.randn(4, generator=gen, dtype=F64)
+    digits = oracle.MP.dps
+    oracle.MP.dps = 700
+    try:
+        for weight, noise in [(w, 1e-300), (w * 1e200, 1.0)]:
+            model = toyvae.LinearGaussian(weight, noise_variance=noise)
+            value = model.log_evidence(x).item()
+            exact = float(oracle.Model(weight.numpy(), np.zeros(4), noise).log_evidence(x.numpy()))
+            assert abs(value - exact) <= 4 * EPS * abs(exact)
+            assert torch.isfinite(model.posterior(x).loc).all()
+    finally:
+        oracle.MP.dps = digits

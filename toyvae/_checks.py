@@ -22,7 +22,8 @@ def as_tensor(value, name: str, *, like: torch.Tensor | None = None) -> torch.Te
 
     NumPy arrays and Python numbers become float64, unless ``like`` is given, in which case
     the result takes ``like``'s dtype and device. Tensors keep their dtype (integer tensors are
-    promoted to float64) and, without ``like``, their device.
+    promoted to float64) and, without ``like``, their device; without ``like`` the dtype must
+    be float32 or float64 (``TypeError`` for float16 and bfloat16).
     """
     if isinstance(value, torch.Tensor):
         tensor = value
@@ -43,7 +44,15 @@ def as_tensor(value, name: str, *, like: torch.Tensor | None = None) -> torch.Te
             f"{name} must be a torch tensor, a NumPy array or a real number, got {describe(value)}"
         )
     if like is not None:
-        tensor = tensor.to(dtype=like.dtype, device=like.device)
+        return tensor.to(dtype=like.dtype, device=like.device)
+    if tensor.dtype not in (torch.float32, torch.float64):
+        # This argument sets the dtype everything is computed in; the factorisations toyvae
+        # needs (Cholesky, QR, triangular solves) exist in float32 and float64 only.
+        raise TypeError(
+            f"{name} must be float32 or float64 (it sets the dtype of every exact computation, "
+            f"and the factorisations they need exist in these only), got {describe(value)}; "
+            f"convert it with .double() or .float()"
+        )
     return tensor
 
 

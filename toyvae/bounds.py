@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from toyvae._checks import broadcast_batch
+from toyvae._checks import broadcast_batch, check_finite, check_positive
 from toyvae.gaussians import Gaussian, _kl, as_gaussian, standard_normal
 from toyvae.interface import (
     ConjugateModel,
@@ -36,8 +36,20 @@ def check_call(model, x, q) -> tuple[ConjugateModel, torch.Tensor, Gaussian]:
     x = model.check_data(x)
     gq = as_gaussian(q, "q", dim=model.latent_dim)
     broadcast_batch(q=gq.loc.shape[:-1], x=batch_shape(model, x))
-    gq = Gaussian(gq.loc.to(model.dtype), gq.scale_tril.to(model.dtype))
-    return model, x, gq
+    return model, x, as_model_dtype(gq, model.dtype)
+
+
+def as_model_dtype(q: Gaussian, dtype: torch.dtype, name: str = "q") -> Gaussian:
+    """q cast to the model's dtype, checked again there: a float64 mean of 1e39 is finite, but
+    not in float32, and a scale of 1e-50 becomes 0."""
+    if q.loc.dtype == dtype:
+        return q
+    cast = Gaussian(q.loc.to(dtype), q.scale_tril.to(dtype))
+    where = f" in the model's dtype {dtype} (q is {q.loc.dtype}; cast or rescale it)"
+    check_finite(cast.loc, f"{name}'s mean{where}")
+    check_finite(cast.scale_tril, f"{name}'s scale{where}")
+    check_positive(cast.scale_tril.diagonal(dim1=-2, dim2=-1), f"{name}'s scale{where}")
+    return cast
 
 
 def check_inputs(model, x, q) -> tuple[torch.Tensor, Gaussian]:
@@ -78,7 +90,7 @@ def kl_to_prior(q, model=None) -> torch.Tensor:
         return _kl(gq, standard_normal(gq.dim, gq.loc.dtype, gq.loc.device))
     check_model(model)
     gq = as_gaussian(q, "q", dim=model.latent_dim)
-    return _kl(Gaussian(gq.loc.to(model.dtype), gq.scale_tril.to(model.dtype)), _prior(model))
+    return _kl(as_model_dtype(gq, model.dtype), _prior(model))
 
 
 def elbo(model, x, q) -> torch.Tensor:

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch.distributions import MultivariateNormal
 
-from toyvae._checks import broadcast_batch, check_count, describe
+from toyvae._checks import broadcast_batch, check_count, check_finite, describe
 from toyvae.bounds import check_call
 from toyvae.gaussians import Gaussian, kl_from_relative, relative
 from toyvae.interface import ConjugateModel, batch_shape
@@ -85,7 +85,9 @@ def _check_noise(noise, model, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
             f"noise must have shape (*sample_shape, *batch, K) with (*batch, K) = {event}, "
             f"got {describe(noise)}"
         )
-    return noise.to(dtype=q.loc.dtype, device=q.loc.device)
+    noise = noise.to(dtype=q.loc.dtype, device=q.loc.device)
+    check_finite(noise, "noise")
+    return noise
 
 
 # -- the structured form ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch.distributions import (
 
 from toyvae._checks import (
     as_tensor,
+    broadcast_batch,
     check_affine_map,
     check_finite,
     check_last_dim,
@@ -276,6 +277,11 @@ class LinearGaussian(Frozen):
         """log p(x) and p(z|x) for a checked x (the :class:`toyvae.ConjugateModel` method)."""
         factors = self._factors()
         _, post = self._posterior_u(x, factors)
+        if not bool(torch.isfinite(post.loc).all()):
+            raise ValueError(
+                "x is so far from the model's mean that its posterior mean overflows float64: "
+                f"the largest |x| entry is {x.detach().abs().max().item():.3g}"
+            )
         return Exact(self._log_evidence(x, factors), self._destandardise(post))
 
     def log_evidence(self, x) -> torch.Tensor:
@@ -306,7 +312,12 @@ class LinearGaussian(Frozen):
         residual, post = self._posterior_u(x, factors)
         # r̃ − μ W̃ᵀ in one fused product-and-add.
         misfit = torch.addmm(residual, post.loc, factors.whitened_weight.mT, alpha=-1)
-        return misfit.square().sum(-1) + post.loc.square().sum(-1)
+        quadratic = misfit.square().sum(-1) + post.loc.square().sum(-1)
+        # A residual or posterior mean that overflows (x near float64's largest number) makes
+        # the quadratic form, which is at least ‖μ‖², overflow too: log p(x) = −inf is then its
+        # correct rounding, where the arithmetic would show inf − inf or inf·0 = NaN.
+        overflow = ~(torch.isfinite(residual).all(-1) & torch.isfinite(post.loc).all(-1))
+        return torch.where(overflow, torch.full_like(quadratic, torch.inf), quadratic)
 
     def expected_log_likelihood(self, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
         r"""E_q log p(x|z) for a checked x and canonical q (the interface method).
@@ -330,6 +341,7 @@ class LinearGaussian(Frozen):
         self._verify()
         x = self.check_data(x)
         z = self._check_z(z)
+        broadcast_batch(x=x.shape[:-1], z=z.shape[:-1])
         residual = self._noise.whiten(x - self._bias - z @ self._weight.mT)
         log_likelihood = -0.5 * (
             self.data_dim * LOG_2PI + self._noise.log_det() + residual.square().sum(-1)
