@@ -288,23 +288,56 @@ def log_weight_moments(model, x, q) -> LogWeightMoments:
     return LogWeightMoments(mean, 0.5 * spread + shift)
 
 
+def _log_det_identity_plus_gram(g: torch.Tensor) -> torch.Tensor:
+    """log det(I + GᵀG) ≥ 0, accurate relative to itself even when GᵀG is tiny.
+
+    For ‖G‖_F² < 0.05 by the series Σ_k (−1)^{k+1} tr(H^k)/k, H = GᵀG, whose terms after the
+    twelfth are below 2e-17·tr H (tr H^k ≤ ‖H‖^{k−1} tr H for H ⪰ 0); otherwise from the
+    Cholesky factor of I + H, whose absolute rounding error is then small relative to the value.
+    """
+    h = g.mT @ g
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    small = g.square().sum((-2, -1)) < 0.05
+    hs = torch.where(small[..., None, None], h, torch.zeros_like(h))
+    series, power = torch.zeros_like(small, dtype=h.dtype), eye.expand_as(hs)
+    for k in range(1, 13):
+        power = power @ hs
+        series = series + (-1) ** (k + 1) * power.diagonal(dim1=-2, dim2=-1).sum(-1) / k
+    direct = 2 * torch.linalg.cholesky(eye + h).diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return torch.where(small, series, direct)
+
+
 def _log_second_moment(w: Whitened) -> torch.Tensor:
-    """log E_q[(w/p(x))²], +inf where M = 2BᵀB − I is not positive definite."""
-    btb = w.scale.mT @ w.scale
-    eye = torch.eye(btb.shape[-1], dtype=btb.dtype, device=btb.device)
-    m = 2 * btb - eye
+    """log E_q[(w/p(x))²] ≥ 0, +inf where M = 2BᵀB − I is not positive definite.
+
+    With B = I + E, F = BᵀB − I = E + Eᵀ + EᵀE and F' = BBᵀ − I = E + Eᵀ + EEᵀ (both accurate
+    relative to their own size), M = I + 2F and M' = 2BBᵀ − I = I + 2F', the closed form of
+    :func:`chi_square_divergence` rearranges (the matrices are functions of BᵀB, so they
+    commute; and B M⁻¹ Bᵀ = (I + M'⁻¹)/2 by push-through) into two non-negative terms,
+
+        2 log det B − ½ log det M = ½ log det(I + F M⁻¹ F),
+        2 cᵀB M⁻¹Bᵀc − ‖c‖²       = cᵀ M'⁻¹ c,
+
+    neither a difference of O(1) numbers, so χ² keeps its relative accuracy as q approaches
+    the posterior and is never negative.
+    """
+    e = w.excess
+    eye = torch.eye(e.shape[-1], dtype=e.dtype, device=e.device)
+    f = e + e.mT + e.mT @ e
+    f_prime = e + e.mT + e @ e.mT
+    m, m_prime = eye + 2 * f, eye + 2 * f_prime
     factor, info = torch.linalg.cholesky_ex(m)
-    finite = info == 0
-    # Re-factor a harmless matrix where M fails, so no NaN reaches values or gradients.
-    factor = torch.linalg.cholesky(torch.where(finite[..., None, None], m, eye))
-    bc = (w.offset.unsqueeze(-2) @ w.scale).squeeze(-2)  # Bᵀc as a row
-    solved = torch.linalg.solve_triangular(factor, bc.unsqueeze(-1), upper=False).squeeze(-1)
-    value = (
-        2 * w.log_det_scale
-        - factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        + 2 * solved.square().sum(-1)
-        - w.offset.square().sum(-1)
+    finite = info == 0  # M and M' have the same eigenvalues: one test serves both
+    # Re-factor harmless matrices where M fails, so no NaN reaches values or gradients.
+    safe = finite[..., None, None]
+    factor = torch.linalg.cholesky(torch.where(safe, m, eye))
+    factor_prime = torch.linalg.cholesky(torch.where(safe, m_prime, eye))
+    g = torch.linalg.solve_triangular(
+        factor, torch.where(safe, f, torch.zeros_like(f)), upper=False
     )
+    offset = w.offset.unsqueeze(-1).expand(*factor_prime.shape[:-1], 1)
+    solved = torch.linalg.solve_triangular(factor_prime, offset, upper=False).squeeze(-1)
+    value = 0.5 * _log_det_identity_plus_gram(g) + solved.square().sum(-1)
     value, finite = torch.broadcast_tensors(value, finite)
     return torch.where(finite, value, torch.full_like(value, math.inf))
 
