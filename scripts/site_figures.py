@@ -7,6 +7,8 @@ r"""Figures for the documentation site, computed by toyvae itself: python script
   and log p(x), with the first-order asymptote log p(x) − χ²/(2k).
 - ``snr.png``: the IWAE gradient signal-to-noise ratios of Rainforth et al. (2018) against k,
   from ``toyvae.snr`` (1000 draws per k).
+- ``kl-resolution.png``: KL(q_t ‖ p(z|x)) against t on log-log axes along a path to the posterior,
+  toyvae's and torch's ``kl_divergence``, against the law c·t² (slope 2).
 - ``accuracy.md``: the table of achieved float64 errors against the 60-digit mpmath oracle,
   from ``tests/test_high_precision.py``, included by docs/how-we-know.md.
 
@@ -184,15 +186,49 @@ def accuracy_table(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def kl_resolution_figure(path: Path) -> None:
+    """KL(q_t ‖ p(z|x)) for q_t = N(μ + t·a, Σ): c·t² exactly, c = ½ aᵀΛa (Λ formed densely)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(20, 5, generator=generator, dtype=torch.float64)
+    model = toyvae.LinearGaussian(weight, noise_variance=0.5)
+    x = torch.randn(20, generator=generator, dtype=torch.float64)
+    a = torch.randn(5, generator=generator, dtype=torch.float64)
+    post = model.posterior(x)
+    precision = torch.eye(5, dtype=torch.float64) + weight.T @ weight / 0.5
+    c = float(0.5 * a @ precision @ a)
+    ts = torch.logspace(-1, -13, 49, dtype=torch.float64)
+    ours, theirs = [], []
+    for t in ts.tolist():
+        q = MultivariateNormal(post.mean + t * a, scale_tril=post.scale_tril)
+        ours.append(float(toyvae.kl_to_posterior(model, x, q)))
+        theirs.append(float(torch.distributions.kl_divergence(q, post)))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.loglog(ts, [c * t**2 for t in ts.tolist()], "k-", lw=3, alpha=0.25, label=r"$c\,t^2$")
+    ax.loglog(ts, ours, "o", ms=3.5, label="toyvae.kl_to_posterior")
+    positive = [(t, v) for t, v in zip(ts.tolist(), theirs, strict=True) if v > 0]
+    ax.loglog(*zip(*positive, strict=True), "x", ms=4, label="torch kl_divergence")
+    floor = 1e-29  # where torch's KL is 0 or negative, drawn on this line
+    zero = [t for t, v in zip(ts.tolist(), theirs, strict=True) if v <= 0]
+    ax.loglog(zero, [floor] * len(zero), "v", ms=4, color="C1", label="torch: 0 or negative")
+    ax.set(xlabel="t", ylabel=r"KL$(q_t \,\|\, p(z \mid x))$", ylim=(floor / 3, 10))
+    ax.set_title("The gap along a path to the posterior, in float64", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, metadata=METADATA)
+    plt.close(fig)
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     elbo_gap_figure(out / "elbo-gap.png")
     iwae_figure(out / "iwae-vs-k.png")
+    kl_resolution_figure(out / "kl-resolution.png")
     generator = torch.Generator().manual_seed(0)
     problem = rainforth_problem(generator=generator)
     plot_snr(gradient_snr(problem, (1, 4, 16, 64, 256), 1000, generator=generator), out / "snr.png")
     accuracy_table(out / "accuracy.md")
-    print(f"site_figures: elbo-gap.png, iwae-vs-k.png, snr.png, accuracy.md in {out}")
+    names = "elbo-gap.png, iwae-vs-k.png, kl-resolution.png, snr.png, accuracy.md"
+    print(f"site_figures: {names} in {out}")
 
 
 if __name__ == "__main__":
