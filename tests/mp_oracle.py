@@ -60,7 +60,15 @@ def _log_det(matrix):
 
 
 def noise_matrix(noise_variance, data_dim: int):
-    """Ψ as an exact (D, D) mpmath matrix: σ² I, diag(v) or the full matrix."""
+    """Ψ as an exact (D, D) mpmath matrix: σ² I, diag(v) or the full matrix.
+
+    An mpmath column of variances or an mpmath matrix is used as it is (not rounded to float64),
+    so callers can pass perturbed, exactly represented inputs.
+    """
+    if isinstance(noise_variance, MP.matrix):
+        if noise_variance.cols == 1 and data_dim != 1:
+            return MP.diag([noise_variance[i, 0] for i in range(noise_variance.rows)])
+        return noise_variance
     psi = np.asarray(noise_variance, dtype=np.float64)
     if psi.ndim == 0:
         return to_mp(psi) * _eye(data_dim)
