@@ -438,3 +438,35 @@ def test_tiny_noise_and_huge_weights_match_a_700_digit_oracle():
             assert torch.isfinite(model.posterior(x).loc).all()
     finally:
         oracle.MP.dps = digits
+
+
+def test_elbo_gradients_are_finite_and_right_for_a_rank_deficient_weight():
+    """A square W with a zero row (a constant feature) has finite ELBO gradients equal to the
+    gradients of the textbook form E_q log N(x; Wz + b, Ψ) − KL(q ‖ N(0, I)), evaluated densely.
+
+    Both are sums of a few dozen well-scaled terms, so they agree to 1e-12 relative.
+    """
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 4, generator=gen, dtype=F64)
+    w[1] = 0.0
+    w.requires_grad_(True)
+    psi = (torch.rand(4, generator=gen, dtype=F64) + 0.5).requires_grad_(True)
+    x = torch.randn(3, 4, generator=gen, dtype=F64)
+    q = torch.distributions.MultivariateNormal(
+        torch.randn(4, generator=gen, dtype=F64), scale_tril=torch.eye(4, dtype=F64) * 0.7
+    )
+    ours = torch.autograd.grad(
+        toyvae.elbo(toyvae.LinearGaussian(w, None, psi), x, q).sum(), [w, psi]
+    )
+    cov = q.covariance_matrix
+    residual = x - q.loc @ w.T
+    textbook = -0.5 * (
+        4 * math.log(2 * math.pi)
+        + psi.log().sum()
+        + (residual.square() / psi).sum(-1)
+        + ((w.T / psi) @ w * cov).sum()
+    ) - 0.5 * (cov.trace() + q.loc.square().sum() - 4 - torch.logdet(cov))
+    expected = torch.autograd.grad(textbook.sum(), [w, psi])
+    for a, b in zip(ours, expected, strict=True):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

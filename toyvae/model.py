@@ -331,11 +331,17 @@ class LinearGaussian(Frozen):
         self._verify()
         whitened = self._noise.whiten_columns(self._weight)
         misfit = self._noise.whiten(x - self._bias) - q.loc @ whitened.mT
-        # tr(G S) = ‖R L_q‖_F², R the triangular factor of Ã = QR (‖Ã L_q‖ = ‖R L_q‖): a sum
-        # of squares. As Σᵢⱼ Gᵢⱼ Sᵢⱼ it would cancel: with small noise and K > D, entries of
-        # G ≈ 1e12 times entries of S ≈ 1 that sum to O(D), losing 12 digits.
-        factor = torch.linalg.qr(whitened).R  # (min(D, K), K); mode "r" has no backward
-        spread = (factor @ q.scale_tril).square().sum((-2, -1))
+        # tr(G S) = ‖R L_q‖_F², R the triangular factor of Ã = QR (‖Ã L_q‖ = ‖R L_q‖): a sum of
+        # squares. As Σᵢⱼ Gᵢⱼ Sᵢⱼ it would cancel: with small noise and K > D, entries of
+        # G ≈ 1e12 times entries of S ≈ 1 that sum to O(D), losing 12 digits. The value is the
+        # QR form's; the derivative is the Gram form's (the same function, so the same
+        # derivative), because the QR's backward pass is undefined when Ã is rank-deficient
+        # (a constant feature, a square W with a zero row).
+        gram_form = ((whitened.mT @ whitened) * q.covariance()).sum((-2, -1))
+        with torch.no_grad():
+            factor = torch.linalg.qr(whitened).R  # (min(D, K), K)
+            qr_form = (factor @ q.scale_tril).square().sum((-2, -1))
+        spread = gram_form + (qr_form - gram_form).detach()
         constant = self.data_dim * LOG_2PI + self._noise.log_det()
         return -0.5 * (constant + misfit.square().sum(-1) + spread)
 
