@@ -23,8 +23,10 @@ from toyvae.testing import (
     LinearVAE,
     assert_elbo_estimator,
     bugs,
+    check_elbo,
     check_elbo_estimator,
     linear_vae,
+    reconstruction_moments,
 )
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -560,3 +562,294 @@ def test_bad_estimators_raise():
         check_elbo_estimator(lambda x, *args: x.sum(-1), _vae())
     with pytest.raises(ValueError, match=r"one value per row of x, shape \(32,\)"):
         check_elbo_estimator(lambda x, *args: x.sum(), _vae(), reduction="none")
+
+
+# -- diagnoses: every planted bug names its cause ------------------------------------------------
+
+
+@pytest.mark.parametrize("bug", bugs.CATALOG, ids=lambda b: b.name)
+def test_planted_bug_is_diagnosed(bug):
+    """Each planted bug's report names its cause first: the explanation whose exact prediction
+    fits the estimate's mean (or, for a detached sample, the gradient's pattern)."""
+    check = _check(bug.buggy, _options(bug))
+    assert bug.diagnosis, bug.name
+    assert check.diagnosis, check.message
+    assert check.diagnosis[0] == bug.diagnosis, check.message
+    assert "diagnosis: " in check.message
+
+
+@pytest.mark.parametrize("estimator", CORRECT, ids=lambda f: f.__name__)
+def test_correct_estimators_get_no_diagnosis(estimator):
+    """A passing check carries no diagnosis (explanations are sought only for failures)."""
+    options = next(_options(bug) for bug in bugs.CATALOG if bug.correct is estimator)
+    check = _check(estimator, options)
+    assert check.diagnosis == ()
+    assert "diagnosis" not in check.message
+
+
+def test_dropped_constant_diagnosis_quotes_the_exact_offset():
+    """gaussian_nll_loss's default is off by exactly N·D·½ log 2π, and the report says so."""
+    check = _check(bugs.loss_gaussian_nll_default, (("loss", True),))
+    n, d = _vae().x.shape
+    offset = n * d * 0.5 * math.log(2 * math.pi)
+    assert f"N·D·½ log 2π = {-offset:+.4g} nats" in check.message, check.message
+    assert "gaussian_nll_loss(full=False)" in check.message
+
+
+# -- the user's own modules, as written ----------------------------------------------------------
+
+
+class _Encoder(torch.nn.Module):
+    """A user's encoder: returns (loc, scale), a parameterisation toyvae's own modules don't use."""
+
+    def __init__(self, d, k):
+        super().__init__()
+        self.loc = torch.nn.Linear(d, k, dtype=torch.float64)
+        self.log_scale = torch.nn.Linear(d, k, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.loc(x), self.log_scale(x).exp()
+
+
+class _Decoder(torch.nn.Module):
+    """A user's decoder with a frozen log noise variance (requires_grad=False)."""
+
+    def __init__(self, k, d):
+        super().__init__()
+        self.linear = torch.nn.Linear(k, d, dtype=torch.float64)
+        self.log_var = torch.nn.Parameter(
+            torch.full((d,), -0.5, dtype=torch.float64), requires_grad=False
+        )
+
+
+def _own_vae():
+    vae = _vae()
+    enc, dec = _Encoder(6, 3), _Decoder(3, 6)
+    with torch.no_grad():  # copy toyvae's deliberately inexact encoder and its decoder's mean
+        enc.loc.weight.copy_(vae.encoder.mean.weight)
+        enc.loc.bias.copy_(vae.encoder.mean.bias)
+        enc.log_scale.weight.copy_(0.5 * vae.encoder.logvar.weight)
+        enc.log_scale.bias.copy_(0.5 * vae.encoder.logvar.bias)
+        dec.linear.weight.copy_(vae.decoder.mean.weight)
+        dec.linear.bias.copy_(vae.decoder.mean.bias)
+    return enc, dec, vae.x
+
+
+def _own_loss(enc, dec, full):
+    def loss(x):
+        loc, scale = enc(x)
+        z = loc + scale * torch.randn_like(loc)
+        variance = dec.log_var.exp().expand(x.shape)
+        nll = torch.nn.functional.gaussian_nll_loss(
+            dec.linear(z), x, variance, full=full, reduction="sum"
+        )
+        kl = (0.5 * (scale**2 + loc**2 - 1) - scale.log()).sum()
+        return nll + kl
+
+    return loss
+
+
+def test_own_modules_with_a_frozen_variance_are_checked_by_autograd_through_the_closed_form():
+    """A user's own modules, their own (loc, scale) parameterisation and a frozen decoder
+    variance: the correct loss passes, gaussian_nll_loss's default is diagnosed, the frozen
+    parameter is named as not checked, and every other parameter is checked by its own name."""
+    enc, dec = _own_vae()[:2]
+    x = _own_vae()[2]
+
+    def model():
+        return toyvae.LinearGaussian(dec.linear.weight, dec.linear.bias, dec.log_var.exp())
+
+    def q(x):
+        return torch.distributions.Independent(torch.distributions.Normal(*enc(x)), 1)
+
+    good = check_elbo(_own_loss(enc, dec, True), model, q, x, loss=True)
+    assert good.passed, good.message
+    assert good.frozen == ("dec.log_var",)
+    count = sum(p.numel() for p in enc.parameters()) + 6 * 3 + 6
+    assert f"in all {count} coordinates" in good.message, good.message
+    bad = check_elbo(_own_loss(enc, dec, False), model, q, x, loss=True)
+    assert not bad.passed
+    assert bad.diagnosis == ("dropped_log_2pi",), bad.message
+
+
+def test_parameter_used_by_the_estimate_but_not_by_the_model_is_named():
+    """A loss that reads a decoder parameter the model builder ignores fails, and says so."""
+    enc, dec, x = _own_vae()
+    dec.log_var.requires_grad_(True)
+
+    def model():  # forgets the noise parameter: a constant in its place
+        return toyvae.LinearGaussian(dec.linear.weight, dec.linear.bias, dec.log_var.detach().exp())
+
+    def q(x):
+        return torch.distributions.Independent(torch.distributions.Normal(*enc(x)), 1)
+
+    check = check_elbo(_own_loss(enc, dec, True), model, q, x, loss=True, num_draws=50)
+    assert not check.passed, check.message
+    assert "parameter_not_in_model" in check.diagnosis, check.message
+    assert "neither model() nor q(x) depends on dec.log_var" in check.message
+
+
+def test_own_vae_tuple_gets_a_short_error_naming_the_right_function():
+    """(encoder, decoder, x) of one's own modules: a TypeError of one line, not the data."""
+    enc, dec, x = _own_vae()
+    with pytest.raises(TypeError, match=r"got a tuple of \(_Encoder, _Decoder, Tensor\)") as info:
+        check_elbo_estimator(bugs.elbo_analytic_kl, (enc, dec, x))
+    assert "toyvae.testing.check_elbo(estimate, model, q, x)" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "pattern"),
+    [
+        ((3, lambda: None, lambda x: None), TypeError, "estimate must be a function"),
+        ((lambda x: x, 3, lambda x: None), TypeError, "model must be a function that builds"),
+        ((lambda x: x, lambda: None, 3), TypeError, "q must be a function x -> q"),
+    ],
+)
+def test_check_elbo_bad_arguments_name_the_argument(arguments, error, pattern):
+    """check_elbo's errors name the argument and what it should be."""
+    with pytest.raises(error, match=pattern):
+        check_elbo(*arguments, _vae().x)
+
+
+# -- the hierarchical and state-space families: per-layer and per-step ELBOs --------------------
+
+
+def _ssm_case():
+    generator = torch.Generator().manual_seed(3)
+    options = {"dtype": torch.float64, "generator": generator}
+    k, d, t, n = 2, 3, 4, 8
+    transition = torch.nn.Parameter(0.6 * torch.eye(k, dtype=torch.float64))
+    emission = torch.nn.Parameter(torch.randn(d, k, **options))
+    log_noise = torch.nn.Parameter(torch.tensor(-0.7, dtype=torch.float64))
+    model = toyvae.LinearGaussianSSM(
+        transition.detach(), 0.5, emission.detach(), log_noise.detach().exp()
+    )
+    x, _ = model.sample((n,), num_steps=t, generator=generator)
+    loc = torch.nn.Parameter(0.1 * torch.randn(n, t * k, **options))
+    log_scale = torch.nn.Parameter(torch.full((n, t * k), -0.6, dtype=torch.float64))
+    return transition, emission, log_noise, loc, log_scale, x
+
+
+def _per_step_elbo(transition, emission, log_noise, loc, log_scale, dropped=False):
+    """A user's per-time-step ELBO: Σ_t log p(x_t|z_t) + log p(z_t|z_{t−1}) − log q(z)."""
+    normal = torch.distributions.Normal
+
+    def estimate(x):
+        n, t, _ = x.shape
+        q = torch.distributions.Independent(normal(loc, log_scale.exp()), 1)
+        z_flat = q.rsample()
+        z = z_flat.reshape(n, t, -1)
+        noise_sd = (0.5 * log_noise).exp()
+        total = -q.log_prob(z_flat)
+        for step in range(t):
+            emit = normal(z[:, step] @ emission.T, noise_sd).log_prob(x[:, step])
+            total = total + (emit + (0.5 * math.log(2 * math.pi) if dropped else 0)).sum(-1)
+            mean = torch.zeros_like(z[:, 0]) if step == 0 else z[:, step - 1] @ transition.T
+            scale = 1.0 if step == 0 else math.sqrt(0.5)
+            total = total + normal(mean, scale).log_prob(z[:, step]).sum(-1)
+        return total.sum()
+
+    return estimate
+
+
+def test_per_time_step_elbo_of_a_state_space_model_is_checked():
+    """A user's per-step ELBO for a linear-Gaussian SSM passes; dropping ½ log 2π from each
+    emission is diagnosed as N·D·½ log 2π with D = T·D_step (the numbers per sequence)."""
+    transition, emission, log_noise, loc, log_scale, x = _ssm_case()
+
+    def model():
+        return toyvae.LinearGaussianSSM(transition, 0.5, emission, log_noise.exp())
+
+    def q(x):
+        return torch.distributions.Independent(torch.distributions.Normal(loc, log_scale.exp()), 1)
+
+    parts = (transition, emission, log_noise, loc, log_scale)
+    good = check_elbo(_per_step_elbo(*parts), model, q, x, num_draws=100)
+    assert good.passed, good.message
+    bad = check_elbo(_per_step_elbo(*parts, dropped=True), model, q, x, num_draws=100)
+    assert bad.diagnosis == ("dropped_log_2pi",), bad.message
+    assert "D = 12 data dimensions" in bad.message
+
+
+def test_per_layer_elbo_of_a_hierarchical_model_is_checked():
+    """A user's per-layer ELBO (log p(z₂) + log p(z₁|z₂) + log p(x|z₁) − log q) for a two-layer
+    hierarchy passes; the same with log p(x|z₁) averaged over the data dimensions is diagnosed."""
+    generator = torch.Generator().manual_seed(4)
+    options = {"dtype": torch.float64, "generator": generator}
+    w0 = torch.nn.Parameter(torch.randn(5, 3, **options))
+    w1 = torch.nn.Parameter(torch.randn(3, 2, **options))
+    hierarchy = toyvae.HierarchicalLinearGaussian([w0.detach(), w1.detach()], None, [0.4, 0.8])
+    x, _ = hierarchy.sample((16,), generator=generator)
+    loc = torch.nn.Parameter(0.1 * torch.randn(16, 5, **options))  # flat (z₂, z₁): top-down
+    log_scale = torch.nn.Parameter(torch.full((16, 5), -0.5, dtype=torch.float64))
+    normal = torch.distributions.Normal
+
+    def q(x):
+        return torch.distributions.Independent(normal(loc, log_scale.exp()), 1)
+
+    def estimate(x, averaged=False):
+        qz = q(x)
+        z = qz.rsample()
+        z2, z1 = z[:, :2], z[:, 2:]
+        top = normal(0.0, 1.0).log_prob(z2).sum(-1)
+        middle = normal(z2 @ w1.T, math.sqrt(0.8)).log_prob(z1).sum(-1)
+        bottom = normal(z1 @ w0.T, math.sqrt(0.4)).log_prob(x)
+        bottom = bottom.mean(-1) if averaged else bottom.sum(-1)
+        return (bottom + top + middle - qz.log_prob(z)).sum()
+
+    def model():
+        return toyvae.HierarchicalLinearGaussian([w0, w1], None, [0.4, 0.8])
+
+    good = check_elbo(estimate, model, q, x, num_draws=100)
+    assert good.passed, good.message
+    bad = check_elbo(lambda x: estimate(x, averaged=True), model, q, x, num_draws=100)
+    assert bad.diagnosis == ("reconstruction_averaged_over_data",), bad.message
+
+
+# -- the reconstruction term's exact variance -----------------------------------------------------
+
+
+def test_reconstruction_variance_matches_the_direct_linear_gaussian_formula():
+    """Var_q log p(x|z) by Bayes' rule (the interface) equals the direct formula
+    ½‖LᵀGL‖_F² + ‖LᵀÃᵀ(r̃ − Ãm)‖² written from W and Ψ, and κ₄ likewise."""
+    vae = _vae()
+    with torch.no_grad():
+        model, q = vae.decoder.model(), vae.encoder(vae.x)
+        got = reconstruction_moments(model, vae.x, q)
+        mean, logvar = vae.encoder.encode(vae.x)
+        sd = (0.5 * vae.decoder.logvar).exp()
+        whitened = vae.decoder.mean.weight / sd.unsqueeze(-1)
+        residual = (vae.x - vae.decoder.mean.bias) / sd - mean @ whitened.mT
+        scale = torch.diag_embed((0.5 * logvar).exp())
+        a = -0.5 * scale @ (whitened.mT @ whitened) @ scale
+        b = (scale @ (whitened.mT @ residual.unsqueeze(-1))).squeeze(-1)
+        a2 = a @ a
+        variance = 2 * a2.diagonal(dim1=-2, dim2=-1).sum(-1) + b.square().sum(-1)
+        kappa4 = 48 * ((a2 @ a2).diagonal(dim1=-2, dim2=-1).sum(-1))
+        kappa4 = kappa4 + 48 * (b.unsqueeze(-2) @ a2 @ b.unsqueeze(-1)).reshape(-1)
+    # The Bayes route forms B₁ᵀB₁ − B₀ᵀB₀ = LᵀGL as a difference of O(1 + ‖G‖) matrices: each
+    # entry off by a few ε of that size; squared and summed over K² entries (K = 3), 64 ε of
+    # the larger side covers it.
+    size = (2 * a2.diagonal(dim1=-2, dim2=-1).sum(-1).abs() + 1) * (1 + b.square().sum(-1))
+    assert bool(((got.variance - variance).abs() <= 64 * EPS64 * size * 10).all())
+    assert torch.allclose(got.fourth_cumulant, kappa4, rtol=1e-9, atol=0)
+    assert torch.allclose(
+        got.mean, toyvae.expected_log_likelihood(model, vae.x, q), rtol=0, atol=1e-12
+    )
+
+
+def test_analytic_kl_estimator_has_the_reconstruction_variance():
+    """The sample variance of the analytic-KL estimator's draws is Σ_rows Var log p(x|z), within
+    the exact 1e-6 band √(κ₄/n + 2σ⁴/(n − 1))·z; and here it is the larger of the two forms."""
+    check = _check(bugs.elbo_analytic_kl)
+    vae = _vae()
+    with torch.no_grad():
+        moments = reconstruction_moments(vae.decoder.model(), vae.x, vae.encoder(vae.x))
+        log_w = toyvae.log_weight_moments(vae.decoder.model(), vae.x, vae.encoder(vae.x))
+    sigma2, kappa4 = float(moments.variance.sum()), float(moments.fourth_cumulant.sum())
+    n = check.num_draws
+    sample_variance = check.standard_error**2 * n
+    band = Z_1E6 * math.sqrt(kappa4 / n + 2 * sigma2**2 / (n - 1))
+    assert abs(sample_variance - sigma2) <= band, (sample_variance, sigma2, band)
+    assert sigma2 > float(log_w.variance.sum())  # exact: 88.0 against 70.4

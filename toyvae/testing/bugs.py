@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.distributions import Independent, Normal
 
 from toyvae.gaussians import LOG_2PI
@@ -186,7 +187,58 @@ def dropped_log_2pi(x, encoder, decoder, generator):
     return (log_px + log_pz - log_qz).sum()
 
 
-# -- 5. IWAE_k ------------------------------------------------------------------------------------
+# -- 5. The three most common causes, and variances used as standard deviations ----------------
+
+
+def _reconstruction_and_kl(x, encoder, decoder, generator):
+    mean, logvar = encoder.encode(x)
+    z = mean + (0.5 * logvar).exp() * _noise(mean, generator)
+    x_mean, x_logvar = decoder.decode(z)
+    kl = 0.5 * (logvar.exp() + mean.square() - 1 - logvar).sum()
+    return x_mean, x_logvar, kl
+
+
+def loss_gaussian_nll_full(x, encoder, decoder, generator):
+    """The loss −ELBO with torch's gaussian_nll_loss(full=True, reduction="sum") + KL."""
+    x_mean, x_logvar, kl = _reconstruction_and_kl(x, encoder, decoder, generator)
+    return F.gaussian_nll_loss(x_mean, x, x_logvar.exp(), full=True, reduction="sum") + kl
+
+
+def loss_gaussian_nll_default(x, encoder, decoder, generator):
+    """BUG: gaussian_nll_loss's default full=False drops ½ log 2π per element: N·D·½ log 2π."""
+    x_mean, x_logvar, kl = _reconstruction_and_kl(x, encoder, decoder, generator)
+    return F.gaussian_nll_loss(x_mean, x, x_logvar.exp(), reduction="sum") + kl
+
+
+def loss_sum(x, encoder, decoder, generator):
+    """The loss −ELBO, summed over the batch (sampled reconstruction, closed-form KL)."""
+    return -elbo_analytic_kl(x, encoder, decoder, generator)
+
+
+def elbo_batch_mean(x, encoder, decoder, generator):
+    """BUG when checked as a sum: the ELBO averaged over the batch is 1/N times the sum."""
+    return elbo_analytic_kl(x, encoder, decoder, generator) / x.shape[0]
+
+
+def likelihood_variance_as_scale(x, encoder, decoder, generator):
+    """BUG: Normal(mean, variance) for p(x|z): torch's Normal takes a standard deviation."""
+    mean, logvar = encoder.encode(x)
+    z = mean + (0.5 * logvar).exp() * _noise(mean, generator)
+    x_mean, x_logvar = decoder.decode(z)
+    reconstruction = Normal(x_mean, x_logvar.exp()).log_prob(x).sum(-1)
+    kl = 0.5 * (logvar.exp() + mean.square() - 1 - logvar).sum(-1)
+    return (reconstruction - kl).sum()
+
+
+def q_variance_as_scale(x, encoder, decoder, generator):
+    """BUG: q = Normal(mean, variance), sampled and scored: q's standard deviation becomes σ²."""
+    mean, logvar = encoder.encode(x)
+    q = Independent(Normal(mean, logvar.exp()), 1)
+    z = q.mean + q.stddev * _noise(mean, generator)
+    return (decoder(z).log_prob(x) + _prior(z).log_prob(z) - q.log_prob(z)).sum()
+
+
+# -- 6. IWAE_k ------------------------------------------------------------------------------------
 
 IWAE_K = 5
 
@@ -220,34 +272,88 @@ def iwae_missing_log_k(x, encoder, decoder, generator, k=IWAE_K):
 
 
 class PlantedBug(NamedTuple):
-    """A buggy estimator, its correct twin, and the checker options both are meant for."""
+    """A buggy estimator, its correct twin, and the checker options both are meant for.
+
+    Attributes
+    ----------
+    name : str
+        The bug's name.
+    buggy, correct : callable
+        Estimators ``(x, encoder, decoder, generator) -> estimate``.
+    options : dict
+        Keyword arguments of :func:`~toyvae.testing.check_elbo_estimator` (k, loss, reduction).
+    diagnosis : str
+        The name of the explanation the checker should give (:mod:`toyvae.testing.diagnose`).
+    """
 
     name: str
     buggy: Callable
     correct: Callable
-    options: dict  # keyword arguments of check_elbo_estimator: k, loss, reduction
+    options: dict
+    diagnosis: str = ""
 
 
 CATALOG: tuple[PlantedBug, ...] = (
-    PlantedBug("kl_wrong_sign", kl_wrong_sign, elbo_analytic_kl, {}),
-    PlantedBug("log_variance_as_variance", log_variance_as_variance, elbo_by_hand, {}),
-    PlantedBug("missing_half", missing_half, elbo_by_hand, {}),
-    PlantedBug("dropped_log_2pi", dropped_log_2pi, elbo_by_hand, {}),
-    PlantedBug("kl_averaged_over_latents", kl_averaged_over_latents, elbo_analytic_kl, {}),
+    PlantedBug("kl_wrong_sign", kl_wrong_sign, elbo_analytic_kl, {}, "kl_sign"),
+    PlantedBug(
+        "log_variance_as_variance",
+        log_variance_as_variance,
+        elbo_by_hand,
+        {},
+        "log_variance_as_variance",
+    ),
+    PlantedBug("missing_half", missing_half, elbo_by_hand, {}, "missing_half"),
+    PlantedBug("dropped_log_2pi", dropped_log_2pi, elbo_by_hand, {}, "dropped_log_2pi"),
+    PlantedBug(
+        "kl_averaged_over_latents",
+        kl_averaged_over_latents,
+        elbo_analytic_kl,
+        {},
+        "kl_averaged_over_latents",
+    ),
     PlantedBug(
         "reconstruction_averaged_over_data",
         reconstruction_averaged_over_data,
         elbo_analytic_kl,
         {},
+        "reconstruction_averaged_over_data",
     ),
     PlantedBug(
         "loss_batch_mean_and_sum",
         loss_batch_mean_and_sum,
         loss_batch_mean,
         {"loss": True, "reduction": "mean"},
+        "mixed_reduction",
     ),
-    PlantedBug("iwae_mean_of_log_weights", iwae_mean_of_log_weights, iwae, {"k": IWAE_K}),
-    PlantedBug("iwae_missing_log_k", iwae_missing_log_k, iwae, {"k": IWAE_K}),
-    PlantedBug("no_reparameterisation", no_reparameterisation, elbo_log_prob, {}),
-    PlantedBug("kl_missing_log_det", kl_missing_log_det, elbo_analytic_kl, {}),
+    PlantedBug(
+        "iwae_mean_of_log_weights",
+        iwae_mean_of_log_weights,
+        iwae,
+        {"k": IWAE_K},
+        "iwae_mean_of_log_weights",
+    ),
+    PlantedBug("iwae_missing_log_k", iwae_missing_log_k, iwae, {"k": IWAE_K}, "iwae_missing_log_k"),
+    PlantedBug(
+        "no_reparameterisation", no_reparameterisation, elbo_log_prob, {}, "detached_sample"
+    ),
+    PlantedBug(
+        "kl_missing_log_det", kl_missing_log_det, elbo_analytic_kl, {}, "kl_missing_log_det"
+    ),
+    PlantedBug(
+        "gaussian_nll_loss_default",
+        loss_gaussian_nll_default,
+        loss_gaussian_nll_full,
+        {"loss": True},
+        "dropped_log_2pi",
+    ),
+    PlantedBug("batch_mean_checked_as_sum", elbo_batch_mean, elbo_analytic_kl, {}, "reduction"),
+    PlantedBug("loss_sign_forgotten", elbo_analytic_kl, loss_sum, {"loss": True}, "sign"),
+    PlantedBug(
+        "likelihood_variance_as_scale",
+        likelihood_variance_as_scale,
+        elbo_analytic_kl,
+        {},
+        "variance_as_scale",
+    ),
+    PlantedBug("q_variance_as_scale", q_variance_as_scale, elbo_log_prob, {}, "variance_as_scale"),
 )
