@@ -19,6 +19,7 @@ import toyvae.report._monte_carlo as monte_carlo_rows
 import toyvae.report._problems as problems
 import toyvae.report.checks as checks
 import toyvae.report.cli as cli
+import toyvae.report.models as report_models
 from toyvae import LinearGaussian
 from toyvae.aggregate import aggregate_posterior, elbo_surgery, joint_kl
 from toyvae.estimators import log_weight_cumulants
@@ -75,7 +76,9 @@ TINY = checks.Budget(
 def tiny(monkeypatch):
     """--quick with the tiny budget, on the PPCA built-in model only."""
     monkeypatch.setattr(checks, "QUICK", TINY)
-    monkeypatch.setattr(cli, "builtin_models", lambda quick: builtin_models(quick=quick)[:1])
+    monkeypatch.setattr(
+        report_models, "builtin_models", lambda quick: builtin_models(quick=quick)[:1]
+    )
 
 
 def one_line_error(capsys, argv):
@@ -278,7 +281,7 @@ def test_unreadable_model_files_give_one_line_errors(tmp_path, capsys):
     assert "no such file" in one_line_error(capsys, ["report", "--model", str(tmp_path / "no")])
     text = tmp_path / "model.npz"
     text.write_text("not a zip archive")
-    assert "not a readable .npz file" in one_line_error(capsys, ["report", "--model", str(text)])
+    assert "not an .npz archive" in one_line_error(capsys, ["report", "--model", str(text)])
 
 
 @pytest.mark.parametrize(
@@ -371,11 +374,12 @@ def test_statistical_rows_hold_draws_to_the_median_of_means_radius_of_the_exact_
         assert got.shape == want.shape
         assert torch.all((got - want).abs() <= 8 * toyvae.tolerances.EPS * want)
 
-    # ELBO estimator: n draws of log w (k = 1), variance Var log w; 3 q's × N points.
+    # ELBO estimator: n draws of log w (k = 1), variance Var log w; 3 q's × N points. (At this
+    # size each row draws in one chunk, so one call per q.)
     want = []
     for (_, _, q, k, n), _ in calls["check_elbo_estimator"]:
         variance = toyvae.log_weight_moments(model, x, q).variance
-        assert k == 1
+        assert k == 1 and n == TINY.draws
         want.append(_radius(n, variance, 1e-6 / (3 * n_points)) + solve_tolerance(model, x, q))
     assert len(want) == 3
     assert_close("ELBO estimator unbiased", torch.cat(want))
@@ -480,3 +484,254 @@ def test_the_command_chooses_agg_when_it_writes_plots(tiny, tmp_path, monkeypatc
         assert matplotlib.get_backend().lower() == "agg"
     finally:
         matplotlib.use(previous)
+
+
+# -- issue 11: users' fitted models, bad files, bounded memory, the command's manners ----------
+
+
+def test_chunked_draws_equal_one_call():
+    """Draws made in chunks of multiples of 16 from one generator equal one call's draws, so
+    chunking (bounded memory) leaves every row's numbers unchanged; a tail under 16 entries is
+    folded into the previous chunk."""
+    rng = np.random.default_rng(1)
+    model = LinearGaussian(rng.normal(size=(4, 3)), rng.normal(size=4), 0.5)
+    x = model.sample((5,), generator=torch.Generator().manual_seed(2))[0]
+    q = model.posterior(x)
+    whole = toyvae.iwae_estimates(model, x, q, 2, 1001, generator=torch.Generator().manual_seed(3))
+    sizes = []
+
+    generator = torch.Generator().manual_seed(3)
+
+    def draw(n):
+        sizes.append(n)
+        return toyvae.iwae_estimates(model, x, q, 2, n, generator=generator)
+
+    old = monte_carlo_rows.CHUNK_ELEMENTS
+    try:
+        monte_carlo_rows.CHUNK_ELEMENTS = 2 * 5 * 3 * 32  # 32 draws per chunk
+        parts = monte_carlo_rows.chunked(draw, 1001, 2 * 5 * 3)
+    finally:
+        monte_carlo_rows.CHUNK_ELEMENTS = old
+    assert sizes[:-1] == [32] * 31 and sizes[-1] == 9
+    assert torch.equal(parts, whole)
+    # A tail of 1 draw of 1 entry (under 16) joins the last chunk.
+    sizes.clear()
+    assert monte_carlo_rows.chunked(lambda n: torch.zeros(n), 33, 1) is not None
+    monte_carlo_rows.CHUNK_ELEMENTS, old = 16, monte_carlo_rows.CHUNK_ELEMENTS
+    try:
+        counts = []
+        monte_carlo_rows.chunked(lambda n: counts.append(n) or torch.zeros(n), 33, 1)
+    finally:
+        monte_carlo_rows.CHUNK_ELEMENTS = old
+    assert counts == [16, 17]
+
+
+def test_monte_carlo_rows_are_unchanged_by_small_chunks(monkeypatch):
+    """The IWAE and variance rows give the same numbers with tiny chunks as with one chunk."""
+    case = builtin_models()[0]
+    x = case.model.sample((3,), generator=torch.Generator().manual_seed(4))[0]
+    rows = {}
+    for chunk in (monte_carlo_rows.CHUNK_ELEMENTS, 16 * 3 * 3):
+        monkeypatch.setattr(monte_carlo_rows, "CHUNK_ELEMENTS", chunk)
+        rows[chunk] = [
+            check(case.model, x, torch.Generator().manual_seed(5), budget=TINY)
+            for check in (checks.check_iwae_evidence, checks.check_log_weight_variance)
+        ]
+    first, second = rows.values()
+    # The same noise (test_chunked_draws_equal_one_call); only the order of floating-point sums
+    # in the batched products may differ with the chunk size, a relative 1e-15 per log weight,
+    # far below 1e-9 of the rows' tolerances.
+    for a, b in zip(first, second, strict=True):
+        assert a.passed and b.passed and a.tolerance == pytest.approx(b.tolerance, rel=1e-12)
+        assert abs(a.error - b.error) <= 1e-9 * a.tolerance
+
+
+def _constant_feature_model():
+    """A factor-analysis fit's shape: feature 0 constant in the data, its variance 1e-12."""
+    rng = np.random.default_rng(7)
+    weight = rng.normal(size=(5, 2))
+    weight[0] = 0.0
+    variances = np.array([1e-12, 0.5, 0.7, 1.1, 0.3])
+    model = LinearGaussian(weight, np.zeros(5), variances)
+    x = model.sample((40,), generator=torch.Generator().manual_seed(8))[0]
+    x[:, 0] = 0.0
+    return model, x
+
+
+def test_reference_row_skips_with_the_condition_number_instead_of_crashing():
+    """A variance of 1e-12 (scikit-learn's floor for constant features) makes SciPy refuse C:
+    the row is skipped and names κ, where it used to crash with a traceback."""
+    model, x = _constant_feature_model()
+    row = checks.check_reference(model, x[:3], torch.Generator().manual_seed(0), budget=TINY)
+    assert row.passed is None
+    assert "κ(C) ≤" in row.reason and "κ(Ψ) =" in row.reason
+
+
+def _ml_fit():
+    """PPCA at its closed-form maximum-likelihood solution, and the data it was fitted to."""
+    generator = torch.Generator().manual_seed(11)
+    truth = LinearGaussian(torch.randn(6, 2, dtype=torch.float64, generator=generator), None, 0.4)
+    x = truth.sample((60,), generator=generator)[0]
+    return ppca_maximum_likelihood(x, 2), x
+
+
+def test_model_file_gets_a_fit_verdict_and_no_fixed_problems(tiny, tmp_path, capsys):
+    """--model with data: the fit section says the ML fit is stationary (every gradient row
+    "zero"), the fixed problems are not run, and the checks use --max-rows rows."""
+    from toyvae.io import save
+
+    fitted, x = _ml_fit()
+    path = save(fitted, tmp_path / "ml.npz", x=x)
+    out = tmp_path / "out"
+    assert (
+        cli.main(["report", "--quick", "--model", str(path), "--max-rows", "5", "--out", str(out)])
+        == 0
+    )
+    stdout = capsys.readouterr().out
+    assert "fixed-problems" not in stdout
+    assert "checked at 5 of its 60 rows" in stdout
+    assert "ml fit: at a stationary point" in stdout
+    document = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    (fit,) = document["fits"]
+    assert fit["stationary"] is True and {r["result"] for r in fit["rows"]} == {"zero"}
+    assert document["problems"] == [] and document["settings"]["max_rows"] == 5
+
+
+def test_a_fit_off_its_maximum_is_named_but_does_not_fail_the_run(tiny, tmp_path, capsys):
+    """W moved by 1e-3 from the ML fit: the ∇W row says NOT 0; the exit status stays 0."""
+    from toyvae.io import save
+
+    fitted, x = _ml_fit()
+    moved = LinearGaussian(fitted.weight * (1 + 1e-3), fitted.bias, fitted.noise_variance)
+    path = save(moved, tmp_path / "moved.npz", x=x)
+    monkeypatch_checks = (checks.check_identity,)
+    old = checks.CHECKS
+    checks.CHECKS = monkeypatch_checks
+    try:
+        assert cli.main(["report", "--quick", "--model", str(path)]) == 0
+    finally:
+        checks.CHECKS = old
+    stdout = capsys.readouterr().out
+    assert "NOT at a stationary point" in stdout and "∇ ≠ 0 in W" in stdout
+
+
+def test_constant_features_are_left_out_of_the_fit_verdict():
+    """A constant feature makes log p unbounded: the verdict is on the other features and says
+    so, instead of calling its 1e-12 variance non-stationary."""
+    from toyvae.report._fit import fit_verdict
+
+    model, x = _constant_feature_model()
+    description, rows = fit_verdict(model, x)
+    assert "1 constant feature (0) left out" in description
+    assert len(rows) == 3
+
+
+BAD_PATHS = {
+    "a .npy array": (
+        lambda p: p.write_bytes(_npy()),
+        "a single NumPy array (.npy)",
+    ),
+    "an empty file": (lambda p: p.write_bytes(b""), "empty file"),
+    "a CSV file": (lambda p: p.write_text("1,2\n3,4\n"), "not an .npz archive"),
+    "a directory": (lambda p: p.mkdir(), "is a directory"),
+    "pickled objects": (
+        lambda p: p.write_bytes(_pickled()),
+        "an entry holds pickled objects",
+    ),
+}
+
+
+def _npy():
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones(3))
+    return buffer.getvalue()
+
+
+def _pickled():
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, weight=np.array([object()], dtype=object))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case", BAD_PATHS, ids=list(BAD_PATHS))
+def test_every_bad_file_gives_one_line_and_exit_2(case, tmp_path, capsys):
+    """The catalog of issue 11: each bad file is one line naming it, exit status 2."""
+    make, message = BAD_PATHS[case]
+    path = tmp_path / "model.npz"
+    make(path)
+    err = one_line_error(capsys, ["report", "--model", str(path)])
+    assert str(path) in err and message in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "--max-rows", "0"], "--max-rows: expected a positive integer, got 0"),
+        (["report", "--threads", "x"], "--threads: expected a positive integer, got 'x'"),
+    ],
+)
+def test_bad_new_options_give_one_line_errors(argv, message, capsys):
+    """--max-rows and --threads take positive integers; anything else is one line, exit 2."""
+    assert message in one_line_error(capsys, argv)
+
+
+def test_out_at_an_existing_file_says_so(tmp_path, capsys):
+    """--out at a file names the problem, not just "File exists"."""
+    path = tmp_path / "taken"
+    path.write_text("")
+    assert "exists and is not a directory" in one_line_error(capsys, ["report", "--out", str(path)])
+
+
+def test_version_and_no_progress_bar_off_a_terminal(tiny, capsys):
+    """--version prints the version; a run whose stderr is not a terminal writes nothing there."""
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("toyvae ")
+    old = checks.CHECKS
+    checks.CHECKS = (checks.check_identity,)
+    try:
+        assert cli.main(["report", "--quick"]) == 0
+    finally:
+        checks.CHECKS = old
+    assert capsys.readouterr().err == ""
+
+
+_HELP_PROBE = """
+import sys, types, pathlib
+import toyvae.report  # noqa: placeholder replaced below
+"""
+
+_HELP_WITHOUT_TORCH = """
+import importlib.util, sys, types
+spec = importlib.util.find_spec("toyvae")
+package = types.ModuleType("toyvae")
+package.__path__ = list(spec.submodule_search_locations)  # the package, without its __init__
+sys.modules["toyvae"] = package
+from toyvae.report.cli import main
+try:
+    main(["report", "--help"])
+except SystemExit:
+    pass
+assert "torch" not in sys.modules, "the CLI module imported torch"
+"""
+
+
+def test_help_does_not_import_torch():
+    """`toyvae report --help` needs neither torch nor the battery (toyvae's own __init__ aside)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _HELP_WITHOUT_TORCH], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--max-rows" in result.stdout
+
+
+def test_threads_one_for_small_models_more_for_large():
+    """The command picks 1 thread below D·K = 2^18, more above; --threads wins."""
+    small = builtin_models()[:1]
+    assert cli._threads(small, None) == 1
+    assert cli._threads(small, 3) == 3
+    big = [report_models.Case("big", "", LinearGaussian(torch.zeros(2**12, 2**6)))]
+    assert cli._threads(big, None) == min(8, len(os.sched_getaffinity(0)))

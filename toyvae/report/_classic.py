@@ -272,10 +272,30 @@ def check_fisher(model, x, generator, *, budget=None) -> Row:
     # The ELBO side uses q's Σ = SSᵀ where log p's backward pass reaches Λ⁻¹ through the
     # Cholesky factor: the two differ by Λ's backward error times κ(Λ) = κ(S)² (measured on the
     # ill-conditioned model: κ(S) alone is exceeded 5 times).
+    #
+    # Both backward passes run through the whitened W̃ = Ψ^(−1/2)W and r̃ = Ψ^(−1/2)(x − b) and the
+    # QR factors, which mix the entries: there the rounding is normwise, unit·max of the sizes in
+    # whitened units, which the chain rule maps back by Ψᵢ^(−1/2) (W's row i, bᵢ) or Ψᵢ⁻¹ (Ψᵢ).
+    # With a variance of 1e-12 (scikit-learn's floor for constant features) that term is 1e12
+    # times the entrywise one: without it a correct model fails this row.
     scale = posterior_condition(model) ** 2 * rounding_unit(model)
+    if model.noise_kind != "full":
+        root = model.noise.eigenvalues().sqrt()  # (D,) whitening scales
+        w_size, b_size, psi_size = sizes
+        mixed = [
+            (w_size * root.unsqueeze(-1)).max() / root.unsqueeze(-1),
+            (b_size * root).max() / root,
+            (psi_size * root.square()).max() / root.square(),
+        ]
+        if model.noise_kind == "isotropic":
+            mixed[2] = psi_size
+        sizes = [size + extra for size, extra in zip(sizes, mixed, strict=True)]
     errors = torch.cat(
         [(a - b).abs().reshape(-1) for a, b in zip(by_elbo, by_evidence, strict=True)]
     )
     tols = torch.cat([scale * size.reshape(-1) for size in sizes])
-    reason = "κ(Λ)·4(D+K)·eps·Σ_n(|∇ELBO_n| + |∇log p(x_n)|), entrywise for W, b, Ψ"
+    reason = (
+        "κ(Λ)·4(D+K)·eps·Σ_n(|∇ELBO_n| + |∇log p(x_n)|), entrywise for W, b, Ψ, plus the "
+        "same normwise in whitened units, mapped back by Ψᵢ^(−1/2) (W, b) and Ψᵢ⁻¹ (Ψ)"
+    )
     return worst("Fisher: ∇θ ELBO = ∇θ log p(x)", errors, tols, reason)

@@ -45,7 +45,8 @@ def check_gradients(model, x, generator, *, budget=None) -> Row:
     if k > budget.max_quadrature_dim:
         return skip(
             "gradient estimators unbiased",
-            f"skipped: exact moments need 5^K = {5**k} quadrature nodes at K={k}",
+            f"skipped: exact moments need 5^K = {float(5**k):.3g} quadrature nodes at K={k} "
+            f"(run for K ≤ {budget.max_quadrature_dim})",
         )
     points = x[: budget.gradient_points]
     base = random_gaussians(model, points, generator)[0]

@@ -51,6 +51,34 @@ def log_weight_rounding(model, x, q, eps: torch.Tensor) -> torch.Tensor:
     return posterior_condition(model) * unit * (magnitude(model, x, q, z=z) + extra)
 
 
+# Draws are made in chunks of at most about this many noise entries (ε of shape (n, k, *batch, K)):
+# 16 MiB in float64 per array, so a row's memory does not grow with the number of draws or of data
+# rows (the docs' "bounded cost").
+CHUNK_ELEMENTS = 2**21
+
+
+def chunked(draw, total: int, per_draw: int) -> torch.Tensor:
+    """``draw(n)`` for chunks n summing to ``total``, concatenated along the first axis.
+
+    ``per_draw`` is the number of standard-normal entries one draw uses. Every chunk but the last
+    is a multiple of 16 draws: torch's CPU normal generator fills blocks of 16 entries, so
+    consecutive chunks from one generator give exactly the numbers of one call for ``total``
+    (tests/test_report.py::test_chunked_draws_equal_one_call), and the row's random stream, and
+    therefore its numbers, do not depend on the chunk size.
+    """
+    size = max(16, CHUNK_ELEMENTS // max(per_draw, 1) // 16 * 16)
+    counts = [size] * (total // size)
+    remainder = total - size * len(counts)
+    if remainder:
+        # A tail under 16 entries would take the generator's scalar path: fold it into the
+        # previous chunk instead.
+        if counts and remainder * per_draw < 16:
+            counts[-1] += remainder
+        else:
+            counts.append(remainder)
+    return torch.cat([draw(n) for n in counts])
+
+
 def _points(model, x) -> int:
     """The number of data points in x: the product of its batch shape."""
     return math.prod(batch_shape(model, x))
@@ -79,7 +107,11 @@ def check_elbo_estimator(model, x, generator, *, budget=None) -> Row:
     alarm = FALSE_ALARM / (len(qs) * _points(model, x))
     errors, tols = [], []
     for q in qs:
-        draws = iwae_estimates(model, x, q, 1, budget.draws, generator=generator)
+        draws = chunked(
+            lambda n, q=q: iwae_estimates(model, x, q, 1, n, generator=generator),
+            budget.draws,
+            _points(model, x) * model.latent_dim,
+        )
         variance = log_weight_moments(model, x, q).variance
         estimate = median_of_means(draws, variance, false_alarm=alarm)
         errors.append((estimate.value - elbo(model, x, q)).abs().reshape(-1))
@@ -103,7 +135,11 @@ def check_log_weight_variance(model, x, generator, *, budget=None) -> Row:
     for q in qs:
         moments = log_weight_moments(model, x, q)
         kappa2, kappa4 = log_weight_cumulants(model, x, q)
-        draws = log_weights(model, x, q, budget.draws, generator=generator)
+        draws = chunked(
+            lambda n, q=q: log_weights(model, x, q, n, generator=generator),
+            budget.draws,
+            _points(model, x) * model.latent_dim,
+        )
         squares = (draws - moments.mean).square()
         estimate = median_of_means(squares, kappa4 + 2 * kappa2.square(), false_alarm=alarm)
         errors.append((estimate.value - moments.variance).abs().reshape(-1))
@@ -166,7 +202,11 @@ def check_iwae_evidence(model, x, generator, *, budget=None) -> Row:
     log_evidence = model.exact(x).log_evidence
     errors, tols = [], []
     for k in budget.iwae_ks:
-        draws = iwae_estimates(model, x, q, k, budget.iwae_draws, generator=generator)
+        draws = chunked(
+            lambda n, k=k: iwae_estimates(model, x, q, k, n, generator=generator),
+            budget.iwae_draws,
+            k * _points(model, x) * model.latent_dim,
+        )
         ratio = (draws - log_evidence).exp()
         estimate = median_of_means(ratio, chi2 / k, false_alarm=alarm)
         errors.append((estimate.value - 1).abs().reshape(-1))

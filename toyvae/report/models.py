@@ -7,16 +7,15 @@ drives the data, the variational distributions and the Monte Carlo draws.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from toyvae._checks import describe
 from toyvae.hierarchical import HierarchicalLinearGaussian
 from toyvae.interface import ConjugateModel
+from toyvae.io import read
 from toyvae.model import LinearGaussian
 from toyvae.state_space import LinearGaussianSSM
 
@@ -163,11 +162,8 @@ def builtin_models(*, quick: bool = False) -> list[Case]:
     ]
 
 
-_REQUIRED = ("weight", "bias", "noise_variance")
-
-
 def load_model(path) -> Case:
-    """Read a model (and optionally data) from an ``.npz`` file.
+    """Read a model (and optionally data) from an ``.npz`` file (:func:`toyvae.io.read`).
 
     Keys: ``weight`` (D, K), ``bias`` (D,), ``noise_variance`` (a scalar variance σ², a (D,)
     vector of variances or a (D, D) covariance), and optionally ``x`` (N, D) data; without
@@ -175,35 +171,7 @@ def load_model(path) -> Case:
     naming the file and what is wrong.
     """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
-    missing = [key for key in _REQUIRED if key not in arrays]
-    if missing:
-        raise ValueError(
-            f"{path}: missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)}; "
-            f"expected {', '.join(_REQUIRED)} and optionally x (found: "
-            f"{', '.join(sorted(arrays)) or 'nothing'})"
-        )
-    unknown = sorted(set(arrays) - {*_REQUIRED, "x"})
-    if unknown:
-        raise ValueError(
-            f"{path}: unexpected key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-            f"expected {', '.join(_REQUIRED)} and optionally x"
-        )
-    try:
-        model = LinearGaussian(arrays["weight"], arrays["bias"], arrays["noise_variance"])
-        x = None
-        if "x" in arrays:
-            x = model.check_data(arrays["x"])
-            if x.ndim != 2 or x.shape[0] == 0:
-                raise ValueError(f"x must be an (N, D) matrix with N ≥ 1 rows, got {describe(x)}")
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error}") from None
+    model, x = read(path)
     d, k = model.weight.shape
     source = f"{x.shape[0]} data points from the file" if x is not None else "sampled data"
     return Case(

@@ -12,7 +12,21 @@ __all__ = ["ModelResult", "failures", "markdown", "table", "to_json"]
 
 
 class ModelResult(NamedTuple):
-    """The battery's rows for one model, or (``kind="problems"``) for the fixed problems."""
+    """One section of the report.
+
+    Attributes
+    ----------
+    name : str
+        The section's name: a model's, ``<model> fit`` or ``fixed-problems``.
+    description : str
+        One line under the name.
+    rows : list of Row
+        Its rows, in the table's order.
+    kind : str
+        ``"model"``: the battery on a model, whose failures fail the run; ``"fit"``: the verdict
+        on a user's fit (stationarity of the exact log-likelihood), shown but never a failure
+        of the run; ``"problems"``: the fixed problems.
+    """
 
     name: str
     description: str
@@ -23,7 +37,9 @@ class ModelResult(NamedTuple):
 _PROBLEMS_HEADING = "Classic questions on fixed problems"
 
 
-def _verdict(row: Row) -> str:
+def _verdict(row: Row, kind: str = "model") -> str:
+    if kind == "fit":
+        return {True: "zero", False: "NOT 0", None: "skip"}[row.passed]
     return {True: "pass", False: "FAIL", None: "skip"}[row.passed]
 
 
@@ -32,19 +48,41 @@ def _number(value: float) -> str:
 
 
 def failures(results: list[ModelResult]) -> list[str]:
-    """``model: property`` for every row that failed."""
-    return [f"{r.name}: {row.property}" for r in results for row in r.rows if row.passed is False]
+    """``model: property`` for every row that failed (a fit's verdict is not a failure)."""
+    return [
+        f"{r.name}: {row.property}"
+        for r in results
+        if r.kind != "fit"
+        for row in r.rows
+        if row.passed is False
+    ]
+
+
+def _fit_summary(results: list[ModelResult]) -> list[str]:
+    """One sentence per fit section: stationary or not, and in which parameters."""
+    lines = []
+    for r in (r for r in results if r.kind == "fit"):
+        off = [row.property.split("∇")[1].split(" ")[0] for row in r.rows if row.passed is False]
+        if off:
+            lines.append(
+                f"{r.name}: NOT at a stationary point of the exact log-likelihood "
+                f"(∇ ≠ 0 in {', '.join(off)}); this does not fail the run"
+            )
+        elif any(row.passed for row in r.rows):
+            lines.append(f"{r.name}: at a stationary point of the exact log-likelihood")
+    return lines
 
 
 def _summary(results: list[ModelResult]) -> str:
-    rows = [row for r in results for row in r.rows]
+    rows = [row for r in results if r.kind != "fit" for row in r.rows]
     ran = sum(row.passed is not None for row in rows)
     skipped = len(rows) - ran
     failed = failures(results)
     tail = f", {skipped} skipped" if skipped else ""
+    fits = "".join(f"\n{line}" for line in _fit_summary(results))
     if failed:
-        return f"FAILED: {len(failed)} of {ran} checks{tail}: " + "; ".join(failed)
-    return f"All {ran} checks passed{tail}."
+        return f"FAILED: {len(failed)} of {ran} checks{tail}: " + "; ".join(failed) + fits
+    return f"All {ran} checks passed{tail}." + fits
 
 
 def table(results: list[ModelResult], header: str) -> str:
@@ -59,7 +97,7 @@ def table(results: list[ModelResult], header: str) -> str:
         for row in r.rows:
             lines.append(
                 f"  {row.property:<{width}}  {_number(row.error):>9}  "
-                f"{_number(row.tolerance):>9}  {_verdict(row):<6}  {row.reason}"
+                f"{_number(row.tolerance):>9}  {_verdict(row, r.kind):<6}  {row.reason}"
             )
         lines.append("")
     lines.append(_summary(results))
@@ -79,7 +117,7 @@ def markdown(results: list[ModelResult], header: str) -> str:
             reason = row.reason.replace("|", "\\|")
             lines.append(
                 f"| {row.property} | {_number(row.error)} | {_number(row.tolerance)} | "
-                f"{_verdict(row)} | {reason} |"
+                f"{_verdict(row, r.kind)} | {reason} |"
             )
         lines.append("")
     lines += [_summary(results), ""]
@@ -92,7 +130,8 @@ def _finite(value: float) -> float | None:
 
 def to_json(results: list[ModelResult], settings: dict) -> str:
     """The same results as JSON: settings, overall verdict, failing rows, and the rows of each
-    model (``models``) and of the fixed problems (``problems``)."""
+    model (``models``), of each fit verdict (``fits``, results ``zero``/``NOT 0``/``skip``,
+    plus ``stationary``) and of the fixed problems (``problems``)."""
 
     def section(r: ModelResult) -> dict:
         return {
@@ -104,7 +143,7 @@ def to_json(results: list[ModelResult], settings: dict) -> str:
                     "error": _finite(row.error),
                     "tolerance": _finite(row.tolerance),
                     "reason": row.reason,
-                    "result": _verdict(row),
+                    "result": _verdict(row, r.kind),
                 }
                 for row in r.rows
             ],
@@ -115,6 +154,11 @@ def to_json(results: list[ModelResult], settings: dict) -> str:
         "passed": not failures(results),
         "failures": failures(results),
         "models": [section(r) for r in results if r.kind == "model"],
+        "fits": [
+            section(r) | {"stationary": all(row.passed is not False for row in r.rows)}
+            for r in results
+            if r.kind == "fit"
+        ],
         "problems": [section(r) for r in results if r.kind == "problems"],
     }
     return json.dumps(document, indent=2, ensure_ascii=False)
