@@ -401,6 +401,26 @@ class LinearGaussian(Frozen):
         z = u if self._prior_tril is None else prior.loc + u @ prior.scale_tril.mT
         return z @ self._weight.mT + self._bias + self._noise.color(eps), z
 
+    # -- scikit-learn and files ---------------------------------------------------------------
+
+    @classmethod
+    def from_sklearn(cls, estimator, *, variance=None) -> LinearGaussian:
+        """The model of a fitted scikit-learn ``FactorAnalysis`` or ``PCA`` (probabilistic PCA).
+
+        See :func:`toyvae.interop.sklearn.from_sklearn`, which this calls, for the conventions
+        (``variance="unbiased"`` or ``"ml"`` for PCA's noise variance) and the warnings.
+        """
+        from toyvae.interop.sklearn import from_sklearn
+
+        return from_sklearn(estimator, variance=variance)
+
+    def save(self, path, *, x=None) -> None:
+        """Write the model (and optionally data x) to ``path`` in the ``--model`` .npz format of
+        ``toyvae report``; :func:`toyvae.load` reads it back (:mod:`toyvae.io`)."""
+        from toyvae.io import save
+
+        save(self, path, x=x)
+
     # -- tolerances ---------------------------------------------------------------------------
 
     def magnitude(self, x: torch.Tensor, q: Gaussian | None = None, *, z=None) -> torch.Tensor:
