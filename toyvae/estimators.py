@@ -146,7 +146,9 @@ def _affine(offset: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor) -> tor
     The sample axes are moved next to K so each batch element is one (S, K) @ (K, K) product.
     """
     batch_ndim = offset.ndim - 1
-    flat = eps.reshape(-1, *eps.shape[eps.ndim - batch_ndim - 1 :])  # (S, *batch, K)
+    event = eps.shape[eps.ndim - batch_ndim - 1 :]  # (*batch, K)
+    samples = math.prod(eps.shape[: eps.ndim - batch_ndim - 1])
+    flat = eps.reshape(samples, *event)  # (S, *batch, K); explicit S: a batch may be empty
     moved = flat.movedim(0, -2)  # (*batch, S, K)
     out = moved @ scale.mT + offset.unsqueeze(-2)
     return out.movedim(-2, 0).reshape(eps.shape)

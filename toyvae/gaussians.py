@@ -38,6 +38,13 @@ class Gaussian(NamedTuple):
     def covariance(self) -> torch.Tensor:
         return self.scale_tril @ self.scale_tril.mT
 
+    def distribution(self) -> MultivariateNormal:
+        """This Gaussian as a torch ``MultivariateNormal`` (an empty batch included: torch's
+        argument validation cannot check an empty batch, and the factor is valid by
+        construction)."""
+        validate = None if self.loc.numel() else False
+        return MultivariateNormal(self.loc, scale_tril=self.scale_tril, validate_args=validate)
+
 
 def standard_normal(dim: int, dtype: torch.dtype, device=None) -> Gaussian:
     """N(0, I_dim) in canonical form."""

@@ -284,7 +284,7 @@ class TopDownGaussian(Frozen):
         above; its mean is A_l μ_{>l} + m_l. No covariance is formed or factored.
         """
         joint = self._joint()
-        return MultivariateNormal(joint.loc, scale_tril=joint.scale_tril)
+        return joint.distribution()
 
     def elbo(self, model: HierarchicalLinearGaussian, x) -> torch.Tensor:
         """The per-layer ELBO (:func:`layerwise_elbo`): what :func:`toyvae.elbo` computes for q."""
@@ -623,7 +623,7 @@ class HierarchicalLinearGaussian(Frozen):
     def posterior(self, x) -> MultivariateNormal:
         """p(z|x) over the flat latents (z_L, …, z_1), batch shape ``x.shape[:-1]``."""
         post = self.exact(self.check_data(x)).posterior
-        return MultivariateNormal(post.loc, scale_tril=post.scale_tril)
+        return post.distribution()
 
     def expected_log_likelihood(self, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
         r"""E_q log p(x|z_1) for a checked x and canonical q over the flat latents.

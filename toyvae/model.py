@@ -271,7 +271,7 @@ class LinearGaussian(Frozen):
         Σ does not depend on x; it is factored once per call.
         """
         post = self.exact(self.check_data(x)).posterior
-        return MultivariateNormal(post.loc, scale_tril=post.scale_tril)
+        return post.distribution()
 
     def exact(self, x: torch.Tensor) -> Exact:
         """log p(x) and p(z|x) for a checked x (the :class:`toyvae.ConjugateModel` method)."""

@@ -495,7 +495,7 @@ class LinearGaussianSSM(Frozen):
     def posterior(self, x) -> MultivariateNormal:
         """p(z|x) as a ``MultivariateNormal`` over the flat T·K latents (dense: small T)."""
         post = self.exact(self.check_data(x)).posterior
-        return MultivariateNormal(post.loc, scale_tril=post.scale_tril)
+        return post.distribution()
 
     def markov_posterior(self, x) -> MarkovGaussian:
         """p(z|x) as a :class:`MarkovGaussian` p(z₁|x) ∏ p(z_t | z_{t−1}, x), for any T.
