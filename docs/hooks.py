@@ -203,6 +203,7 @@ def exports_list() -> str:
     lines = []
     for name in toyvae.__all__:
         doc = (inspect.getdoc(getattr(toyvae, name)) or "").split("\n\n")[0].replace("\n", " ")
+        doc = rest_roles_to_code(rest_math_to_markdown(doc))
         lines.append(f"- [`toyvae.{name}`][{_canonical(f'toyvae.{name}')}]: {doc}")
     return "\n".join(lines)
 
@@ -227,6 +228,11 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 MATH_BLOCK = re.compile(
     r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n(?P<body>(?:(?P=indent)[ \t]+.*\n|[ \t]*\n)+)", re.M
 )
+# The one-line form, ``.. math:: a = b``, with optional continuation lines indented deeper.
+MATH_LINE = re.compile(
+    r"^(?P<indent>[ \t]*)\.\. math::[ \t]+(?P<first>\S.*)\n(?P<body>(?:(?P=indent)[ \t]+\S.*\n)*)",
+    re.M,
+)
 MATH_ROLE = re.compile(r":math:`([^`]+)`")
 # :func:`toyvae.elbo`, :class:`~toyvae.model.LinearGaussian` (the tilde shows the last part).
 PY_ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|obj|exc):`(~?)([^`]+)`")
@@ -242,9 +248,17 @@ def _display(match: re.Match) -> str:
     return f"{indent}$$\n{tex}\n{indent}$$\n\n"
 
 
+def _display_line(match: re.Match) -> str:
+    indent = match["indent"]
+    body = [match["first"].strip()] + [line.strip() for line in match["body"].split("\n")]
+    tex = "\n".join(f"{indent}{line}" for line in body if line)
+    return f"{indent}$$\n{tex}\n{indent}$$\n"
+
+
 def rest_math_to_markdown(text: str) -> str:
-    """``.. math::`` blocks to ``$$ … $$`` displays, ``:math:`x``` roles to ``$x$``."""
-    return MATH_ROLE.sub(r"$\1$", MATH_BLOCK.sub(_display, text + "\n")).rstrip("\n")
+    """``.. math::`` blocks (and the one-line form) to ``$$ … $$``, ``:math:`x``` to ``$x$``."""
+    text = MATH_LINE.sub(_display_line, MATH_BLOCK.sub(_display, text + "\n"))
+    return MATH_ROLE.sub(r"$\1$", text).rstrip("\n")
 
 
 def rest_roles_to_code(text: str) -> str:

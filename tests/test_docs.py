@@ -224,3 +224,55 @@ def test_every_identity_names_its_code_and_its_test(page):
         or not ("Checked by" in paragraph and TEST.search(paragraph))
     ]
     assert not bad, "identities that do not name their code and test:\n" + "\n".join(bad)
+
+
+TAG = re.compile(r"\\tag\{([^}]*)\}")
+# A reference to a labelled identity in prose: (C6), (SS2), (O5); not maths such as (W, b).
+LABEL_REFERENCE = re.compile(r"(?<![\w\\])\(([A-Z]{1,2}\d{1,2})\)")
+
+
+def labels_by_page(pages) -> dict[str, list[str]]:
+    """Each equation label (the argument of ``\\tag``) and the pages that define it."""
+    defined: dict[str, list[str]] = {}
+    for page in pages:
+        for line in _prose_lines(page):
+            for label in TAG.findall(line):
+                defined.setdefault(label, []).append(page.name)
+    return defined
+
+
+def duplicate_labels(pages) -> list[str]:
+    """'(label): page, page' for each label defined more than once across (or within) pages."""
+    return [
+        f"({label}): {', '.join(where)}"
+        for label, where in sorted(labels_by_page(pages).items())
+        if len(where) > 1
+    ]
+
+
+def test_no_equation_label_is_defined_twice():
+    """Each \\tag{…} label is defined once in all of docs/: a cited (L3) names one identity."""
+    duplicates = duplicate_labels(PAGES)
+    assert not duplicates, "labels defined more than once:\n" + "\n".join(duplicates)
+
+
+def test_duplicate_label_check_flags_a_label_on_two_pages(tmp_path):
+    """The label check flags (L1) tagged on two pages and passes distinct labels."""
+    one, two = tmp_path / "one.md", tmp_path / "two.md"
+    one.write_text("$$\na = b \\tag{L1}\n$$\n\n$$\nc = d\n\\tag{L2}\n$$\n", encoding="utf-8")
+    two.write_text("$$\ne = f \\tag{L1}\n$$\n\n```\n\\tag{L2} in code\n```\n", encoding="utf-8")
+    assert duplicate_labels([one, two]) == ["(L1): one.md, two.md"]
+    assert duplicate_labels([one]) == []
+
+
+def test_every_cited_label_is_defined():
+    """Every label cited in prose, such as (C6), is the \\tag of a displayed identity on a page."""
+    defined = labels_by_page(PAGES)
+    missing = [
+        f"{page.name}:{number}: ({label})"
+        for page in PAGES
+        for number, line in enumerate(_prose_lines(page), start=1)
+        for label in LABEL_REFERENCE.findall(line)
+        if label not in defined
+    ]
+    assert not missing, "cited labels that no page defines:\n" + "\n".join(missing)

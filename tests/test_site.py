@@ -129,6 +129,56 @@ def test_docstring_maths_is_rewritten_for_katex():
     assert hooks.rest_math_to_markdown(text) == "Intro $x^2$.\n\n$$\na = b\n+ c\n$$\n\nAfter."
 
 
+def test_one_line_docstring_maths_is_rewritten_for_katex():
+    """The one-line ``.. math:: a = b`` form becomes a $$ display too, indented or not."""
+    hooks = _hooks()
+    text = (
+        "Fails when\n\n.. math:: |Z| = \\frac{a}{b}\n\n(then)\n    .. math:: a = b\n        + c\n"
+    )
+    assert hooks.rest_math_to_markdown(text) == (
+        "Fails when\n\n$$\n|Z| = \\frac{a}{b}\n$$\n\n(then)\n    $$\n    a = b\n    + c\n    $$"
+    )
+
+
+# reST that must not reach a page as text: a maths directive, a role (:func:, :math:, …).
+RAW_REST = re.compile(
+    r"\.\. (?:math|note|warning)::|:(?:py:)?(?:func|class|meth|mod|attr|data|obj|exc|math):`"
+)
+
+
+# The same on a rendered page, where a role's `target` has become <code> (not read as text).
+RAW_REST_TEXT = re.compile(
+    r"\.\. (?:math|note|warning)::|:(?:py:)?(?:func|class|meth|mod|attr|data|obj|exc|math):"
+)
+
+
+def _docstrings():
+    """(dotted name, docstring) of every public module, and of each public name's object."""
+    for module in _documented_modules():
+        yield module.__name__, inspect.getdoc(module) or ""
+        for name in module.__all__:
+            obj = getattr(module, name)
+            doc = inspect.getdoc(obj) if inspect.isfunction(obj) or inspect.isclass(obj) else None
+            if doc:
+                yield f"{module.__name__}.{name}", doc
+            if inspect.isclass(obj):
+                for member, value in vars(obj).items():
+                    if not member.startswith("_") and getattr(value, "__doc__", None):
+                        doc = inspect.getdoc(value) or ""
+                        yield f"{module.__name__}.{name}.{member}", doc
+
+
+def test_docstrings_leave_no_raw_rest_after_the_hook():
+    """After docs/hooks.py's rewriting, no public docstring shows `.. math::` or a :role:."""
+    hooks = _hooks()
+    raw = [
+        f"{name}: {match[0]}"
+        for name, doc in _docstrings()
+        for match in RAW_REST.finditer(hooks.rest_roles_to_code(hooks.rest_math_to_markdown(doc)))
+    ]
+    assert not raw, "reST left in docstrings after the hook:\n" + "\n".join(sorted(set(raw)))
+
+
 def test_tests_page_has_an_anchor_for_every_test():
     """The generated tests page gives each test in tests/ an anchor that citations can use."""
     hooks = _hooks()
@@ -254,6 +304,63 @@ def test_api_reference_documents_every_public_name(site):
         if hooks._canonical(f"{module.__name__}.{name}") not in ids
     ]
     assert not missing, f"public names without an entry in the API reference: {missing}"
+
+
+class _Text(HTMLParser):
+    """Prose a reader sees: outside <script>, <style>, <code> and KaTeX's MathML copy."""
+
+    SKIP = frozenset({"script", "style", "annotation", "code"})
+
+    def __init__(self):
+        super().__init__()
+        self.parts: list[str] = []
+        self._skipping: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self._skipping.append(tag)
+
+    def handle_endtag(self, tag):
+        if self._skipping and self._skipping[-1] == tag:
+            self._skipping.pop()
+
+    def handle_data(self, data):
+        if not self._skipping:
+            self.parts.append(data)
+
+
+def raw_rest(page_html: str) -> list[str]:
+    """Each reST directive or role left in the prose of an HTML page, with some context."""
+    parser = _Text()
+    parser.feed(page_html)
+    text = "".join(parser.parts)
+    return [
+        text[max(0, m.start() - 40) : m.end() + 40].replace("\n", " ")
+        for m in RAW_REST_TEXT.finditer(text)
+    ]
+
+
+def test_raw_rest_check_flags_what_the_old_api_page_showed():
+    """The page check flags `.. math::` and a :func: role as prose, not in code or maths."""
+    old = (
+        "<p>fails when</p><p>.. math:: |z| = \\frac{a}{b}</p>"
+        "<p>see :func:<code>toyvae.elbo</code></p>"
+    )
+    assert len(raw_rest(old)) == 2
+    fine = "<p>Use <code>.. math::</code> and <code>:func:`x`</code>.</p><script>':func:'</script>"
+    assert raw_rest(fine) == []
+
+
+@pytest.mark.site
+def test_no_page_shows_raw_rest(site):
+    """No page's text shows reST markup: a `.. math::` directive or a :func:/:class:/… role."""
+    raw = [
+        f"{path.relative_to(site)}: …{context}…"
+        for path in _pages(site)
+        if path.name != "tests.html"  # test docstrings, shown as literal text by design
+        for context in raw_rest(path.read_text(encoding="utf-8"))
+    ]
+    assert not raw, "raw reST on the built pages:\n" + "\n".join(raw)
 
 
 @pytest.mark.site

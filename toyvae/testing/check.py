@@ -455,15 +455,16 @@ def check_elbo(
 
     Notes
     -----
-    With the draws' mean m̄, sample standard error s and target t (with Monte Carlo error
-    s_t for k > 1), the value fails when
+    With the draws' mean m̄, sample standard error s and target τ (with Monte Carlo error
+    s_τ for k > 1), the value fails when
 
-    .. math:: |z| = \frac{|\bar m - t|}{\sqrt{s^2 + s_t^2 + r^2}} > t_{n-1}(1 - \alpha/4)
+    .. math:: |Z| = \frac{|\bar m - \tau|}{\sqrt{s^2 + s_\tau^2 + r^2}} > t_{n-1}(1 - \alpha/4)
 
-    (α/2 in place of α/4 when the gradient is not checked), where r = (N + n)·ε·M allows for
-    rounding (n: the model's term count, D + K for the linear-Gaussian model; M: the sum of
-    the magnitudes of the reconstruction and KL terms; it matters only for estimators with no
-    variance at all, such as any correct one with the exact posterior as q).
+    (α/2 in place of α/4 when the gradient is not checked), where r = (N + n)·ϵ·M allows for
+    rounding (ϵ: the machine epsilon; n: the model's term count, D + K for the
+    linear-Gaussian model; M: the sum of the magnitudes of the reconstruction and KL terms;
+    it matters only for estimators with no variance at all, such as a correct log-weight
+    estimator with the exact posterior as q).
     """
     if not callable(estimate):
         raise TypeError(f"estimate must be a function x -> estimate, got {describe(estimate)}")

@@ -155,8 +155,11 @@ def linear_vae(
     data_dim, latent_dim, num_data : int
         D, K and N, the number of rows of ``x``.
     exact_encoder : bool
-        If True the encoder is the exact posterior: then ELBO = IWAE_k = log p(x) for every
-        draw, with zero variance. If False (default) the encoder is deliberately off
+        If True the encoder is the exact posterior: then every log-weight estimate
+        (log p(x, z) − log q(z|x), and IWAE_k built from them) equals log p(x) draw by draw,
+        with zero variance. An estimate that samples only the reconstruction term and adds
+        the KL in closed form does not: its mean is log p(x), its variance that of
+        log p(x|z). If False (default) the encoder is deliberately off
         (perturbed mean map, variances e^0.4 or e^-0.8 times the posterior's, a small
         x-dependence of the variance), so that the ELBO, IWAE_k and log p(x) all differ.
     noise : {"diagonal", "isotropic"}
