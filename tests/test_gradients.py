@@ -16,7 +16,9 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 import toyvae
 from toyvae.estimators import log_weights_at
 from toyvae.gradients import (
+    CLOSED_FORM_ESTIMATORS,
     ESTIMATORS,
+    closed_form_gradient_moments,
     elbo_surrogate,
     elbo_surrogate_at,
     gradient_draws,
@@ -230,3 +232,142 @@ def test_bad_estimator_name_raises():
     case = _Case(3, 2, seed=10)
     with pytest.raises(ValueError, match="path_derivative"):
         elbo_surrogate(case.model, case.x, case.q(), 2, estimator="stl")
+
+
+def _batched_q(model, x, seed: int):
+    """One full-covariance q per data point, parameterised as the report does: (m, tril(raw))."""
+    g = _generator(seed)
+    post = model.posterior(x)
+    shape = post.loc.shape
+    k = shape[-1]
+    loc = (post.loc + 0.3 * torch.randn(shape, generator=g, dtype=DT)).detach()
+    # Off-diagonal noise on both triangles: the upper one is junk that torch.tril drops.
+    noise = 0.1 * torch.randn(*shape[:-1], k, k, generator=g, dtype=DT)
+    noise = noise - torch.diag_embed(noise.diagonal(dim1=-2, dim2=-1))
+    raw = (1.2 * post.scale_tril + noise).detach()
+    loc.requires_grad_()
+    raw.requires_grad_()
+    return loc, raw, MultivariateNormal(loc, scale_tril=torch.tril(raw))
+
+
+def _posterior_condition(model, x) -> float:
+    """κ(S) of the posterior's Cholesky factor: the closed form solves against S (and B)."""
+    return float(torch.linalg.cond(model.posterior(x).scale_tril.detach()).max())
+
+
+@pytest.mark.parametrize("estimator", CLOSED_FORM_ESTIMATORS)
+@pytest.mark.parametrize(("d", "k", "noise"), [(5, 2, "diagonal"), (4, 3, "isotropic")])
+def test_closed_form_moments_equal_the_quadrature_moments(d, k, noise, estimator):
+    """closed_form_gradient_moments equals order-5 quadrature of the draws in (m, L), per point."""
+    case = _Case(d, k, seed=20 + k, noise=noise)
+    model = case.model
+    x, _ = model.sample((2,), generator=_generator(21))  # two points, each with its own q
+    x = x.detach()
+    loc, raw, q = _batched_q(model, x, seed=22)
+    closed = closed_form_gradient_moments(model, x, q, estimator=estimator)
+    quadrature = gradient_estimator_moments(model, x, q, (loc, raw), estimator=estimator)
+    nodes, weights = gauss_hermite_noise(k, 5)
+    draws = gradient_draws(
+        elbo_surrogate_at(model, x, q, nodes.unsqueeze(1).expand(-1, 2, k), estimator=estimator),
+        (loc, raw),
+    )
+    u = 4 * (d + k) * EPS
+    kappa = _posterior_condition(model, x)
+    for mean, variance, qmean, qvariance, draw in zip(
+        closed.mean, closed.variance, quadrature.mean, quadrature.variance, draws, strict=True
+    ):
+        w = weights.reshape(-1, *([1] * (draw.ndim - 1)))
+        size = (w * (draw.abs() + qmean.abs()).square()).sum(0)
+        # Quadrature side, as in the order-6 test above: each draw errs by u = 4(D + K)·eps of
+        # its size, (ĝ − mean)² by 4u(|ĝ| + |mean|)², each sum by 5^K·eps (Higham). Closed
+        # form: sums of K products after triangular solves against S, B, so u amplified by
+        # κ(S) (B = S⁻¹L is as well conditioned as S here, L ≈ 1.2 S), on the same S.
+        factor = (4 * 4 * u + 5**k * EPS) + 2 * kappa * u
+        assert torch.all((variance - qvariance).abs() <= factor * size)
+        assert torch.all((mean - qmean).abs() <= factor * size.sqrt())
+    # The quadrature moments of the upper triangle are 0 (not parameters); so are the closed form's.
+    assert torch.all(torch.triu(closed.variance[1], 1) == 0)
+
+
+def _quadratic_coefficients(values, k: int):
+    """a, b, C of a polynomial a + bᵀε + εᵀCε of degree ≤ 2 from its values at 0, ±eᵢ, eᵢ + eⱼ.
+
+    ``values`` are ordered as :func:`_interpolation_nodes` orders the nodes; unit steps make
+    central differences exact for a quadratic: bᵢ = (g(eᵢ) − g(−eᵢ))/2,
+    Cᵢᵢ = (g(eᵢ) + g(−eᵢ))/2 − g(0), Cᵢⱼ = Cⱼᵢ = (g(eᵢ + eⱼ) − g(eᵢ) − g(eⱼ) + g(0))/2.
+    """
+    a = values[0]
+    plus, minus = values[1 : 1 + k], values[1 + k : 1 + 2 * k]
+    b = (plus - minus) / 2
+    c = torch.zeros(k, k, *a.shape, dtype=a.dtype)
+    for i in range(k):
+        c[i, i] = (plus[i] + minus[i]) / 2 - a
+    for n, (i, j) in enumerate(itertools.combinations(range(k), 2)):
+        c[i, j] = c[j, i] = (values[1 + 2 * k + n] - plus[i] - plus[j] + a) / 2
+    return a, b, c
+
+
+def _interpolation_nodes(k: int) -> torch.Tensor:
+    eye = torch.eye(k, dtype=DT)
+    pairs = [eye[i] + eye[j] for i, j in itertools.combinations(range(k), 2)]
+    return torch.stack([torch.zeros(k, dtype=DT), *eye, *(-eye), *pairs])
+
+
+@pytest.mark.parametrize("estimator", CLOSED_FORM_ESTIMATORS)
+def test_closed_form_moments_beyond_quadrature_match_the_draws_as_quadratics(estimator):
+    """At K = 8 (5^K = 390625 nodes) the draws are exact quadratics a + bᵀε + εᵀCε in ε, whose
+    mean a + tr C and variance ‖b‖² + 2‖C‖²_F are the closed form's."""
+    d, k = 10, 8
+    case = _Case(d, k, seed=30)
+    model, x = case.model, case.x.unsqueeze(0)
+    loc, raw, q = _batched_q(model, x, seed=31)
+    nodes = _interpolation_nodes(k)
+    extra = torch.randn(4, k, generator=_generator(32), dtype=DT)
+    every = torch.cat([nodes, extra]).unsqueeze(1)  # (nodes, 1 point, K)
+    draws = gradient_draws(elbo_surrogate_at(model, x, q, every, estimator=estimator), (loc, raw))
+    closed = closed_form_gradient_moments(model, x, q, estimator=estimator)
+    u = _posterior_condition(model, x) * 4 * (d + k) * EPS
+    for draw, mean, variance in zip(draws, closed.mean, closed.variance, strict=True):
+        a, b, c = _quadratic_coefficients(draw[: len(nodes)], k)
+        # Each draw errs by u = κ(S)·4(D + K)·eps of G, the largest |draw|; a, b, C entries
+        # combine ≤ 4 draws with weights ≤ 1, so δ = 2uG each.
+        delta = 2 * u * draw.abs().amax(0)
+        # Degree ≤ 2: the quadratic through the nodes reproduces the draws at random ε
+        # (|ε|² ≲ 30 multiplies δ at most by 1 + √K·6 + K·36 ≤ 330).
+        for e, g in zip(extra, draw[len(nodes) :], strict=True):
+            fitted = a + torch.einsum("i,i...->...", e, b) + torch.einsum("i,j,ij...->...", e, e, c)
+            assert torch.all((fitted - g).abs() <= 330 * delta + u * g.abs())
+        trace = torch.einsum("ii...->...", c)
+        b2 = b.square().sum(0)
+        c2 = c.square().sum((0, 1))
+        # Mean: a + tr C sums K + 1 coefficients; variance: a perturbation δ of each of the
+        # K + K² coefficients moves ‖b‖² + 2‖C‖² by ≤ 2δ(Σ|b| + 2Σ|C|) + (K + 2K²)δ²; the
+        # closed form's own rounding u of each side's size.
+        mean_tol = (k + 1) * delta + u * (mean.abs() + variance.sqrt())
+        variance_tol = 2 * delta * (b.abs().sum(0) + 2 * c.abs().sum((0, 1)))
+        variance_tol = variance_tol + (k + 2 * k**2) * delta**2 + u * variance
+        assert torch.all((a + trace - mean[0]).abs() <= mean_tol[0])
+        assert torch.all((b2 + 2 * c2 - variance[0]).abs() <= variance_tol[0])
+
+
+def test_closed_form_path_derivative_variance_vanishes_at_the_posterior():
+    """At q = p(z|x) the closed-form path-derivative variance is 0 to rounding; total's is not."""
+    case = _Case(6, 5, seed=40, full_q=True)
+    post = case.model.posterior(case.x)
+    q = MultivariateNormal(post.loc.detach(), scale_tril=post.scale_tril.detach())
+    path = closed_form_gradient_moments(case.model, case.x, q, estimator="path_derivative")
+    total = closed_form_gradient_moments(case.model, case.x, q)
+    for variance in path.variance:
+        # E = B − I and c come from the difference of equal factors: exactly 0 here.
+        assert torch.all(variance == 0)
+    # Total gradient: Var ĝ_m = Σₖ (ΛL)ᵢₖ² = ‖S⁻ᵀ row‖² ≥ 1/λmax(Σ_post) ≥ 1 (Λ ⪰ I).
+    assert torch.all(total.variance[0] >= 1 - 1e-12)
+
+
+def test_closed_form_moments_refuse_the_score_function():
+    """The score function (degree 4 in ε) has no closed form here: ValueError naming the way."""
+    case = _Case(3, 2, seed=41)
+    with pytest.raises(ValueError, match="gradient_estimator_moments"):
+        closed_form_gradient_moments(case.model, case.x, case.q(), estimator="score_function")
+    with pytest.raises(ValueError, match="path_derivative"):
+        closed_form_gradient_moments(case.model, case.x, case.q(), estimator="stl")

@@ -1,5 +1,6 @@
 """`toyvae report`: the table, the files of --out, --model files, exit statuses, one-line errors."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -14,6 +15,7 @@ from torch.distributions import MultivariateNormal
 
 import toyvae
 import toyvae.report._classic as classic_rows
+import toyvae.report._gradients as gradient_rows
 import toyvae.report._identities as identity_rows
 import toyvae.report._monte_carlo as monte_carlo_rows
 import toyvae.report._problems as problems
@@ -735,3 +737,37 @@ def test_threads_one_for_small_models_more_for_large():
     assert cli._threads(small, 3) == 3
     big = [report_models.Case("big", "", LinearGaussian(torch.zeros(2**12, 2**6)))]
     assert cli._threads(big, None) == min(8, len(os.sched_getaffinity(0)))
+
+
+def _latent_six():
+    """A factor-analysis model with K = 6 > 4 latent dimensions (5^6 = 15625 quadrature nodes)."""
+    rng = np.random.default_rng(12)
+    d, k = 9, 6
+    model = LinearGaussian(rng.normal(size=(d, k)), rng.normal(size=d), rng.uniform(0.3, 2, d))
+    x = model.sample((2,), generator=torch.Generator().manual_seed(13))[0]
+    return model, x
+
+
+def test_gradient_row_runs_beyond_quadrature_with_closed_form_moments():
+    """At K = 6 the gradient row runs (reparameterisation and path derivative, closed-form
+    variances) and passes; the score function is left out with its reason."""
+    model, x = _latent_six()
+    row = checks.check_gradients(model, x, torch.Generator().manual_seed(14), budget=TINY)
+    assert row.passed is True
+    assert "score function left out at K=6" in row.reason
+
+
+def test_a_biased_gradient_estimator_fails_the_row_beyond_quadrature(monkeypatch):
+    """A surrogate that loses the entropy's gradient (− log det L added: ∇_L off by diag(1/Lᵢᵢ))
+    fails the row at K = 6."""
+    model, x = _latent_six()
+    surrogate = gradient_rows.elbo_surrogate
+
+    def biased(model, x, q, *args, **kwargs):
+        log_det = q.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return surrogate(model, x, q, *args, **kwargs) - log_det
+
+    monkeypatch.setattr(gradient_rows, "elbo_surrogate", biased)
+    budget = dataclasses.replace(TINY, gradient_draws=4_000)
+    row = checks.check_gradients(model, x, torch.Generator().manual_seed(14), budget=budget)
+    assert row.passed is False

@@ -16,7 +16,9 @@ z = m + L ε, ε ~ N(0, I), and φ = q's parameters, θ = the model's:
 For every estimator the θ-gradient is ∇_θ log p(x, z) at the drawn z (q does not depend on θ).
 All three are unbiased for ∇ ELBO; they differ in variance. Because log w is quadratic in ε,
 every draw is a polynomial of degree ≤ 4 in ε, so Gauss–Hermite quadrature of order 5 gives
-the exact mean and variance (:func:`gradient_estimator_moments`).
+the exact mean and variance (:func:`gradient_estimator_moments`, 5^K nodes). The
+reparameterisation and path-derivative draws in q's mean and Cholesky factor are of degree
+≤ 2, and their moments have a closed form at any K (:func:`closed_form_gradient_moments`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from toyvae.stats import gauss_hermite_noise
 __all__ = [
     "ESTIMATORS",
     "GradientMoments",
+    "closed_form_gradient_moments",
     "elbo_surrogate",
     "elbo_surrogate_at",
     "gradient_draws",
@@ -188,3 +191,79 @@ def gradient_estimator_moments(model, x, q, inputs, *, estimator="reparameteriza
         means.append(mean)
         variances.append((w * (d - mean).square()).sum(0))
     return GradientMoments(tuple(means), tuple(variances))
+
+
+CLOSED_FORM_ESTIMATORS = ("reparameterization", "path_derivative")
+"""The estimators whose moments in q's (m, L) :func:`closed_form_gradient_moments` gives."""
+
+
+def closed_form_gradient_moments(model, x, q, *, estimator="reparameterization"):
+    r"""Exact mean and variance of a gradient estimator in q's mean m and Cholesky factor L.
+
+    For the reparameterisation and path-derivative estimators, at any K in O(K³) per batch
+    element. With z = m + Lε, the posterior N(μ, SSᵀ) and its precision Λ = S⁻ᵀS⁻¹, the
+    draws are (lower triangle of L only: its upper entries are not parameters of q)
+
+    .. math::
+        \hat g_m = -v - N\varepsilon,\qquad
+        \hat g_{L,ij} = \delta_{ij}/L_{ii} - (v + N\varepsilon)_i\,\varepsilon_j
+            \quad (i \ge j)
+
+    with v = Λ(m − μ), and N = ΛL (reparameterisation: ∇_z log p(x, z) = −Λ(z − μ) through
+    z, ∇_L log det L = diag(1/Lᵢᵢ)) or N = ΛL − L⁻ᵀ (path derivative: ∇_z log q = −L⁻ᵀε is
+    added, the score term is dropped; L⁻ᵀ is upper triangular with diagonal 1/Lᵢᵢ, which
+    replaces the δᵢⱼ/Lᵢᵢ). By E εεᵀ = I and Isserlis' E εₖεₗεⱼ² = δₖₗ(1 + 2δₖⱼ),
+
+    .. math::
+        \mathbb E\,\hat g_m = -v,\quad \operatorname{Var}\hat g_{m,i} = \sum_k N_{ik}^2,
+        \qquad \mathbb E\,\hat g_{L,ij} = -\tilde N_{ij},\quad
+        \operatorname{Var}\hat g_{L,ij} = v_i^2 + \sum_k \tilde N_{ik}^2 + \tilde N_{ij}^2
+
+    where Ñ = ΛL − L⁻ᵀ for the mean of both estimators (they share it: ∇ELBO) and Ñ = N in
+    the variance. Ñ is formed as S⁻ᵀ(E + (B⁻¹E)ᵀ), B = S⁻¹L = I + E, which is ΛL − L⁻ᵀ without
+    the cancellation of its two terms as q approaches the posterior, where the
+    path-derivative variance is exactly 0.
+
+    Returns a :class:`GradientMoments` with ``mean = (mean_m, mean_L)`` and ``variance =
+    (var_m, var_L)``, of shapes (*batch, K) and (*batch, K, K) (zero above the diagonal), batch
+    the broadcast of x's and q's batch shapes. Each batch element's moments are those of the
+    gradient of its own surrogate; for a batch whose elements have their own q (parameters of
+    shape (*batch, …)), these are the moments :func:`gradient_estimator_moments` gives for
+    inputs (m, L) by quadrature (tests/test_gradients.py checks the two agree).
+    """
+    model, x, gq = check_call(model, x, q)
+    if estimator not in CLOSED_FORM_ESTIMATORS:
+        _check_estimator(estimator)
+        raise ValueError(
+            f"estimator must be one of {CLOSED_FORM_ESTIMATORS} for closed-form moments (the "
+            f"score-function draws have degree 4 in ε: use gradient_estimator_moments), got "
+            f"{estimator!r}"
+        )
+    with torch.no_grad():
+        return _closed_form(model, x, gq, estimator)
+
+
+def _closed_form(model, x, gq: Gaussian, estimator: str) -> GradientMoments:
+    w = whitened(model, x, gq)
+    s = model.exact(x).posterior.scale_tril
+    batch = w.offset.shape[:-1]
+    k = gq.dim
+    s = s.expand(*batch, k, k)
+    scale, excess = w.scale, w.excess
+
+    def upper_solve(matrix):  # S⁻ᵀ @ matrix
+        return torch.linalg.solve_triangular(s.mT, matrix, upper=True)
+
+    v = upper_solve(w.offset.unsqueeze(-1)).squeeze(-1)  # Λ(m − μ) = S⁻ᵀc
+    # ΛL − L⁻ᵀ = S⁻ᵀ(B − B⁻ᵀ) and B − B⁻ᵀ = E + (B⁻¹E)ᵀ, accurate relative to E.
+    solved = torch.linalg.solve_triangular(scale, excess, upper=False)
+    difference = upper_solve(excess + solved.mT)
+    spread = upper_solve(scale) if estimator == "reparameterization" else difference
+    lower = torch.ones(k, k, dtype=torch.bool, device=v.device).tril()
+    row = spread.square().sum(-1)  # Σₖ Nᵢₖ²
+    mean_m = -v
+    var_m = row
+    mean_l = -(difference * lower)
+    var_l = (v.square() + row).unsqueeze(-1) + spread.square()
+    var_l = var_l * lower
+    return GradientMoments((mean_m, mean_l), (var_m, var_l))

@@ -58,7 +58,7 @@ def problem_counterexample_optima(*, budget=None) -> Row:
 def problem_counterexample_ascent(*, budget=None) -> Row:
     """From w_ML = 1 to w_ELBO, where ELBO ascent ends, the ELBO rises and log p(x) falls.
 
-    Both objectives at both optima against their closed forms (L2) and (L4); then the rise of
+    Both objectives at both optima against their closed forms (V2) and (V4); then the rise of
     the ELBO and the fall of E log p, each as a violation max(0, −change).
     """
     s = _SECOND_MOMENT

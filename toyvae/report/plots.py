@@ -27,6 +27,7 @@ from toyvae.estimators import (
 )
 from toyvae.gaussians import as_gaussian
 from toyvae.gradients import ESTIMATORS, gradient_estimator_moments
+from toyvae.report._monte_carlo import chunked, iwae_draw_count
 from toyvae.report._series import interpolation
 from toyvae.report._variational import random_gaussians, wide_gaussian
 from toyvae.report.rows import Budget
@@ -63,6 +64,16 @@ def _interpolation(items, path: Path) -> Path:
     return _save(figure, path)
 
 
+def _iwae_draws(model, point, q, k: int, draws: int, generator) -> torch.Tensor:
+    """⌈draws/k⌉ IWAE_k estimates (sd(IWAE_k) ∝ 1/√k for large k, so the error bars are
+    comparable across k), in chunks of bounded size: the memory does not grow with k."""
+    return chunked(
+        lambda n: iwae_estimates(model, point, q, k, n, generator=generator),
+        iwae_draw_count(draws, k),
+        k * model.latent_dim,
+    )
+
+
 def _iwae(items, budget: Budget, path: Path) -> Path:
     figure, axes = _grid(len(items))
     ks = np.array(budget.iwae_ks)
@@ -74,7 +85,7 @@ def _iwae(items, budget: Budget, path: Path) -> Path:
         chi2 = float(chi_square_divergence(model, point, q)[0])
         means, errors = [], []
         for k in ks:
-            draws = iwae_estimates(model, point, q, int(k), budget.iwae_draws, generator=generator)
+            draws = _iwae_draws(model, point, q, int(k), budget.iwae_draws, generator)
             means.append(float(draws.mean()))
             errors.append(float(2 * draws.std() / np.sqrt(len(draws))))
         ax.errorbar(ks, means, yerr=errors, fmt="o-", ms=3, label="IWAE_k, mean ± 2 s.e.")

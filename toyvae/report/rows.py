@@ -62,7 +62,7 @@ class Budget:
     draws : int
         Monte Carlo draws per data point for the ELBO estimator checks.
     iwae_draws : int
-        IWAE estimates per k.
+        IWAE_1 estimates; each k gets ⌈iwae_draws/k⌉ (the same radius, from Var = χ²/k).
     iwae_ks : tuple of int
         The k's of the IWAE rows.
     gradient_draws : int
@@ -70,7 +70,9 @@ class Budget:
     gradient_points : int
         Data points for the gradient checks (autograd is per point).
     max_quadrature_dim : int
-        Exact gradient moments use 5^K Gauss–Hermite nodes; the row is skipped above this K.
+        The score-function estimator's exact gradient moments use 5^K Gauss–Hermite nodes; the
+        gradient row leaves that estimator out above this K (the other two have closed-form
+        moments and run at any K).
     max_reference_dim : int or None
         The dense O(D³) oracle is skipped above this D; ``None``: never skipped.
     """
