@@ -70,16 +70,18 @@ def training(out: Path) -> None:
             x, 2, objective="single_sample", steps=600, learning_rate=0.05
         ),
     }
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    # One panel per row, at most 7.5 inches wide: on the site's text column (about 700 px) the
+    # smallest text stays above 9 px.
+    fig, axes = plt.subplots(3, 1, figsize=(7, 8.4), sharey=True)
     for ax, (title, fit) in zip(axes, runs.items(), strict=True):
         steps = np.arange(len(fit.history.elbo))
         ax.plot(steps, fit.history.log_likelihood, label=r"$\log p_\theta(x)$")
         ax.plot(steps, fit.history.elbo, label="ELBO (exact)")
         ax.axhline(best, color="k", ls=":", label="PPCA maximum likelihood")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
         ax.set_ylim(best - 1.5, best + 0.2)
-    axes[0].set_ylabel("nats per data point")
+        ax.set_ylabel("nats per data point")
+    axes[-1].set_xlabel("step")
     axes[0].legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "training.png", dpi=120, metadata={"Software": None})
@@ -105,7 +107,7 @@ def aggregate(out: Path) -> None:
         ("misspecified Gaussian data", aggregate_posterior(encoder, wrong).log_prob(zz).exp()),
         ("20 data points (mixture)", empirical_aggregate_log_density(encoder, points, zz).exp()),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(8, 3.4))  # narrow: its text stays legible
     for ax, (title, density) in zip(axes, panels, strict=True):
         ax.contourf(grid, grid, density, levels=12, cmap="Blues")
         ax.contour(grid, grid, prior, levels=6, colors="k", linewidths=0.8, linestyles="--")
@@ -113,7 +115,7 @@ def aggregate(out: Path) -> None:
         ax.set_aspect("equal")
         ax.set_xlabel("$z_1$")
     axes[0].set_ylabel("$z_2$")
-    fig.suptitle("aggregate posterior q(z) (filled) against the prior p(z) (dashed)")
+    fig.suptitle("aggregate posterior q(z) (filled) against the prior p(z) (dashed)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out / "aggregate.png", dpi=120, metadata={"Software": None})
     plt.close(fig)
@@ -143,7 +145,8 @@ def one_sample(out: Path) -> None:
     variance = np.array([toyvae.log_weight_moments(model, x, q_t(t)).variance.item() for t in ts])
     chi2 = np.array([toyvae.chi_square_divergence(model, x, q_t(t)).item() for t in ts])
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # One panel above the other, 7 inches wide: legible on the site's text column.
+    fig, (left, right) = plt.subplots(2, 1, figsize=(7, 9))
     left.loglog(twice_kl, variance, "o-", ms=3, label=r"$\mathrm{Var}\,\log w$")
     left.loglog(twice_kl, chi2, "s-", ms=3, label=r"$\chi^2(p_\theta(z\mid x)\,\|\,q_t)$")
     left.loglog(twice_kl, twice_kl, "k--", lw=0.8, label=r"$2\,\mathrm{KL}$ (diagonal)")
@@ -181,7 +184,7 @@ def one_sample(out: Path) -> None:
     right.set_xlabel("$k$ (samples per data point)")
     right.set_ylabel(r"$\log p_\theta(x) - \mathbb{E}[\mathrm{estimate}]$ (nats)")
     right.set_title("what $k$ samples buy (O5)", fontsize=10)
-    right.legend(fontsize=7)
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "one-sample.png", dpi=120, metadata={"Software": None})
     plt.close(fig)

@@ -81,11 +81,15 @@ def test_there_are_pages():
     assert {"index.md", "elbo.md", "linear-gaussian.md", "closed-form-elbo.md"} <= names
 
 
+# Pages with nothing to compute: a list of papers.
+NO_CODE = {"references.md"}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)
 def test_page_examples_run(page):
     """Every Python block of the page runs, in order, and every >>> output is as printed."""
     examples = list(SYBIL.parse(page).examples())
-    assert examples, f"{page.name} has no ```python example"
+    assert examples or page.name in NO_CODE, f"{page.name} has no ```python example"
     for example in examples:
         example.evaluate()  # raises SybilFailure naming the file and line on a mismatch
 
@@ -276,3 +280,61 @@ def test_every_cited_label_is_defined():
         if label not in defined
     ]
     assert not missing, "cited labels that no page defines:\n" + "\n".join(missing)
+
+
+# A figure on a page: ![alt](figures/name.png), as the whole line.
+FIGURE = re.compile(r"^\s*!\[[^\]]*\]\(figures/[^)]+\)")
+
+
+def uncaptioned_figures(page: Path) -> list[str]:
+    """'page:line' for each figure not inside <figure markdown> … <figcaption>text</figcaption>."""
+    lines = _prose_lines(page)
+    bad = []
+    for number, line in enumerate(lines):
+        if not FIGURE.match(line):
+            continue
+        before = lines[number - 1].strip() if number else ""
+        after = " ".join(lines[number + 1 : number + 3])
+        caption = re.search(r"<figcaption>(.*?)</figcaption>", after)
+        if not before.startswith("<figure") or caption is None or not caption.group(1).strip():
+            bad.append(f"{page.name}:{number + 1}")
+    return bad
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_every_figure_has_a_caption(page):
+    """Each figure sits in a <figure> with a non-empty <figcaption> right under the image."""
+    bad = uncaptioned_figures(page)
+    assert not bad, "figures without a caption:\n" + "\n".join(bad)
+
+
+def test_caption_check_flags_a_bare_figure(tmp_path):
+    """The caption check flags a bare image and an empty caption, and passes a captioned one."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "![a](figures/a.png)\n\n"  # line 1: bare
+        '<figure markdown="span">\n  ![b](figures/b.png)\n  <figcaption></figcaption>\n'
+        "</figure>\n\n"  # line 4: empty caption
+        '<figure markdown="span">\n  ![c](figures/c.png)\n  <figcaption>C.</figcaption>\n'
+        "</figure>\n",
+        encoding="utf-8",
+    )
+    assert uncaptioned_figures(page) == ["page.md:1", "page.md:4"]
+
+
+REFERENCE_LINK = re.compile(r"\(references\.md#([\w-]+)\)")
+
+
+def test_every_reference_is_cited_and_every_citation_has_a_reference():
+    """Each entry of references.md is linked from a page, and each such link names an entry."""
+    entries = set(re.findall(r'<span id="([\w-]+)"></span>', (DOCS / "references.md").read_text()))
+    cited = {
+        (page.name, key)
+        for page in PAGES
+        for line in _prose_lines(page)
+        for key in REFERENCE_LINK.findall(line)
+    }
+    unknown = sorted(f"{name}: #{key}" for name, key in cited if key not in entries)
+    assert not unknown, f"citations of no entry on references.md: {unknown}"
+    uncited = sorted(entries - {key for _, key in cited})
+    assert not uncited, f"references that no page cites: {uncited}"

@@ -1,8 +1,9 @@
 """The documentation site: every page in the nav, every public name documented, and, built and
 rendered in headless Chromium, every formula typeset, every link resolved, no network request.
 
-The quick checks run by default. The build-and-render checks are marked ``site`` (about a
-minute: the figures, ``mkdocs build --strict``, Chromium on every page); CI runs them with
+The quick checks run by default. The build-and-render checks are marked ``site`` (a few
+minutes, about 200 s on a fresh two-core machine: the figures, ``mkdocs build --strict``,
+Chromium on every page at 1280 and 390 px, captions and overflow included); CI runs them with
 ``pytest -m site``. They need the ``docs`` extra, ``npm ci`` and Chromium, and fail, never
 skip, when one is missing. Screenshots of every page are kept in ``build/site-screenshots/``.
 """
