@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from sklearn.datasets import load_digits
 from sklearn.decomposition import FactorAnalysis
 
@@ -60,3 +61,25 @@ def test_full_report_on_scikit_learns_digits_has_no_false_failure(tmp_path):
     # upper bound on this run's peak.
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     assert peak <= PEAK_RSS_BYTES, f"peak RSS {peak / 2**30:.2f} GB"
+
+
+@pytest.mark.slow
+def test_fit_verdict_tells_a_stopped_em_from_a_converged_one():
+    """On digits with n_components=10, the default (randomized SVD) FactorAnalysis stops where
+    ∂ mean log p(x)/∂W is not zero, while svd_method="lapack" stops where it is (docs/report.md).
+
+    Each row's tolerance is derived in toyvae/report/_fit.py (κ(C)·4(D+K)·eps times the terms
+    that cancel at a maximum); the verdict is the row's pass/fail.
+    """
+    from toyvae.report._fit import fit_verdict
+
+    x = load_digits().data
+    verdicts = {}
+    for method in ("randomized", "lapack"):
+        fa = FactorAnalysis(n_components=10, svd_method=method, random_state=0).fit(x)
+        model = toyvae.LinearGaussian.from_sklearn(fa)
+        _, rows = fit_verdict(model, torch.from_numpy(x))
+        verdicts[method] = rows[0]  # the gradient in W
+    assert verdicts["randomized"].passed is False
+    assert verdicts["randomized"].error > 1e3 * verdicts["randomized"].tolerance
+    assert verdicts["lapack"].passed is True
