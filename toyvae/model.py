@@ -313,10 +313,11 @@ class LinearGaussian(Frozen):
         # r̃ − μ W̃ᵀ in one fused product-and-add.
         misfit = torch.addmm(residual, post.loc, factors.whitened_weight.mT, alpha=-1)
         quadratic = misfit.square().sum(-1) + post.loc.square().sum(-1)
-        # A residual or posterior mean that overflows (x near float64's largest number) makes
-        # the quadratic form, which is at least ‖μ‖², overflow too: log p(x) = −inf is then its
-        # correct rounding, where the arithmetic would show inf − inf or inf·0 = NaN.
-        overflow = ~(torch.isfinite(residual).all(-1) & torch.isfinite(post.loc).all(-1))
+        # Inputs and parameters are finite, so a NaN here can only come from an overflow (x near
+        # float64's largest number: inf − inf or inf·0 in the residual or the posterior mean).
+        # The quadratic form, at least ‖μ‖², then overflows in exact arithmetic too, and
+        # log p(x) = −inf is its correct rounding. Checked on the (B,) result, not the (B, D) data.
+        overflow = torch.isnan(quadratic)
         return torch.where(overflow, torch.full_like(quadratic, torch.inf), quadratic)
 
     def expected_log_likelihood(self, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
