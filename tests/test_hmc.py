@@ -8,22 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_samplers import _model  # the same small model: one definition
 
-import toyvae
 from toyvae import hmc
 from toyvae.testing import assert_sampler
 
 OPTIONS = {"dtype": torch.float64}
 EPS = torch.finfo(torch.float64).eps
-
-
-def _model():
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(5, 2, generator=generator, **OPTIONS)
-    noise = torch.rand(5, generator=generator, **OPTIONS) + 0.5
-    model = toyvae.LinearGaussian(weight, noise_variance=noise)
-    x, _ = model.sample(generator=generator)
-    return model, x
 
 
 def test_leapfrog_is_time_reversible_and_volume_preserving():

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from toyvae._linalg import solve_rows
+
 __all__ = ["Level", "UniformBlockTridiagonal", "factor", "log_det", "selected_inverse", "solve"]
 
 
@@ -162,12 +164,6 @@ def log_det(levels: list[Level]) -> torch.Tensor:
     return total
 
 
-def _rows_solve_triangular(chol: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows c with c = L⁻¹ b for every row b of ``rows`` (…, K): one solve with many columns."""
-    flat = rows.reshape(-1, rows.shape[-1])
-    return _tri_solve(chol, flat.mT).mT.reshape(rows.shape)
-
-
 def _rows_cholesky_solve(chol: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows (L Lᵀ)⁻¹ b for every row b of ``rows`` (…, K)."""
     flat = rows.reshape(-1, rows.shape[-1])
@@ -204,11 +200,11 @@ def solve(levels: list[Level], rhs: torch.Tensor) -> torch.Tensor:
     # the right.
     update = torch.zeros_like(even)
     if middles:
-        c_middle = _rows_solve_triangular(level.chol_middle, odd[..., :middles, :])
+        c_middle = solve_rows(level.chol_middle, odd[..., :middles, :])
         update = update + _shift_pad(c_middle @ level.left, 0, n_keep)
         update = update + _shift_pad(c_middle @ level.right, 1, n_keep)
     if n % 2 == 0:
-        c_last = _rows_solve_triangular(level.chol_last, odd[..., middles:, :])
+        c_last = solve_rows(level.chol_last, odd[..., middles:, :])
         update = update + _shift_pad(c_last @ level.last_left, middles, n_keep)
     kept = solve(levels[1:], even - update)
 

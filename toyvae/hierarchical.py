@@ -51,15 +51,6 @@ def _is_sequence(value) -> bool:
     return isinstance(value, list | tuple)
 
 
-def _noise_tril(noise) -> torch.Tensor:
-    """L_Ψ as a (n, n) lower-triangular matrix: the noise object's colouring of the identity.
-
-    Only for latent layers, whose sizes are small; Ψ_0 (D×D) is never formed.
-    """
-    eye = torch.eye(noise.dim, dtype=noise.variance.dtype, device=noise.variance.device)
-    return noise.color(eye).mT  # I L_Ψᵀ, transposed: exact (products with 1 and 0 only)
-
-
 def _log_density(noise, residual: torch.Tensor) -> torch.Tensor:
     """log N(residual; 0, Ψ) along the last axis: −½ [n log 2π + log det Ψ + ‖L_Ψ⁻¹ r‖²]."""
     whitened = noise.whiten(residual)
@@ -588,7 +579,7 @@ class HierarchicalLinearGaussian(Frozen):
         latent = range(1, self.num_layers)
         return TopDownGaussian._unchecked(
             [*(self._biases[layer] for layer in latent), top.loc],
-            [*(_noise_tril(self._noises[layer]) for layer in latent), top.scale_tril],
+            [*(self._noises[layer].tril() for layer in latent), top.scale_tril],
             [self._weights[layer] for layer in latent],
             (),
         )
@@ -780,7 +771,7 @@ def layerwise_elbo(model: HierarchicalLinearGaussian, x, q) -> LayerwiseELBO:
             p_mean = mean_above[..., above - parent :] @ weight.mT + bias
             at_mean = _kl(
                 Gaussian(q_mean.expand(*batch, k), scale),
-                Gaussian(p_mean.expand(*batch, k), _noise_tril(noise)),
+                Gaussian(p_mean.expand(*batch, k), noise.tril()),
             )
             # ½ tr(Ψ_l⁻¹ (A_l − W̄_l) Σ_{>l} (A_l − W̄_l)ᵀ) = ½ ‖L_Ψ⁻¹ (A_l − W̄_l) T_{>l}‖²_F.
             spread = noise.whiten_columns((a - _history(weight, above)) @ tril_above)

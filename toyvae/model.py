@@ -32,6 +32,7 @@ from toyvae._checks import (
     describe,
 )
 from toyvae._frozen import Frozen
+from toyvae._linalg import solve_rows
 from toyvae.gaussians import LOG_2PI, Gaussian, as_gaussian, standard_normal
 from toyvae.interface import Exact
 from toyvae.noise import noise_covariance
@@ -185,7 +186,7 @@ class LinearGaussian(Frozen):
         """u = L₀⁻¹ (z − m₀) for z (..., K)."""
         if self._prior_tril is None:
             return z
-        return _solve_rows(self._prior_tril, z - self._prior_loc)
+        return solve_rows(self._prior_tril, z - self._prior_loc)
 
     def _destandardise(self, u: Gaussian) -> Gaussian:
         """N(m₀ + L₀ μ_u, L₀ S_u S_uᵀ L₀ᵀ) from N(μ_u, S_u S_uᵀ); L₀ S_u stays lower triangular."""
@@ -446,12 +447,6 @@ def _check_prior(prior, k: int, like: torch.Tensor) -> tuple[torch.Tensor, torch
     return g.loc.to(like.dtype), g.scale_tril.to(like.dtype)
 
 
-def _solve_rows(tril: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """L⁻¹ v for each row v of rows (..., K)."""
-    flat = rows.reshape(-1, rows.shape[-1])
-    return torch.linalg.solve_triangular(tril, flat.mT, upper=False).mT.reshape(rows.shape)
-
-
 def _stacked_qr(whitened: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q₁J, Lr) from the QR factorisation of [ÃJ; J], J the exchange matrix (columns reversed).
 
@@ -509,7 +504,7 @@ def _magnitude(model: LinearGaussian, x: torch.Tensor, q: Gaussian | None, z) ->
         + prior_log_det
     )
     if q is not None:
-        mean = _solve_rows(l0, q.loc.detach() - m0)
+        mean = solve_rows(l0, q.loc.detach() - m0)
         scale = torch.linalg.solve_triangular(l0, q.scale_tril.detach(), upper=False)
         cov = scale @ scale.mT
         total = (
@@ -522,7 +517,7 @@ def _magnitude(model: LinearGaussian, x: torch.Tensor, q: Gaussian | None, z) ->
             + 2 * scale.diagonal(dim1=-2, dim2=-1).log().sum(-1).abs()
         )
     if z is not None:
-        u = _solve_rows(l0, z.detach() - m0)
+        u = solve_rows(l0, z.detach() - m0)
         squared = u.square().sum(-1)
         decoded = u @ weight.mT
         # log p(x, z): ‖u‖² and the whitened misfit (x−b−Wz)ᵀΨ⁻¹(x−b−Wz). log p(z|x):

@@ -16,6 +16,7 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from toyvae._checks import check_finite, check_positive, check_symmetric, cholesky, describe
+from toyvae._linalg import solve_rows
 
 __all__ = ["DiagonalNoise", "FullNoise", "IsotropicNoise", "noise_covariance"]
 
@@ -99,9 +100,7 @@ class FullNoise:
         return torch.linalg.cholesky(self.variance)
 
     def whiten(self, v: torch.Tensor) -> torch.Tensor:
-        rows = v.reshape(-1, v.shape[-1])
-        solved = torch.linalg.solve_triangular(self._tril(), rows.mT, upper=False)
-        return solved.mT.reshape(v.shape)
+        return solve_rows(self._tril(), v)
 
     def whiten_columns(self, m: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve_triangular(self._tril(), m, upper=False)

@@ -48,6 +48,7 @@ from toyvae._checks import (
     describe,
 )
 from toyvae._frozen import Frozen
+from toyvae._linalg import solve_rows
 from toyvae.gaussians import LOG_2PI, Gaussian, _kl
 from toyvae.interface import Exact
 from toyvae.noise import FullNoise, IsotropicNoise, noise_covariance
@@ -423,7 +424,7 @@ class LinearGaussianSSM(Frozen):
             f.initial_tril, (z[..., 0, :] - self._initial_mean).unsqueeze(-1), upper=False
         )
         innovation = z[..., 1:, :] - z[..., :-1, :] @ self._transition.mT
-        rest = btd._rows_solve_triangular(f.transition_tril, innovation)
+        rest = solve_rows(f.transition_tril, innovation)
         return first.square().sum((-2, -1)) + rest.square().sum((-2, -1))
 
     def _constant(self, num_steps: int, f: _Factors) -> torch.Tensor:
@@ -892,7 +893,7 @@ def markov_elbo(model: LinearGaussianSSM, x, q: MarkovGaussian) -> torch.Tensor:
         return reconstruction - first
     drift = q.transition - model.transition  # F_t − A
     shift = (drift @ mean[..., :-1, :].unsqueeze(-1)).squeeze(-1) + q.offset
-    whitened_shift = btd._rows_solve_triangular(f.transition_tril, shift)
+    whitened_shift = solve_rows(f.transition_tril, shift)
     whitened_drift = _left_solve(f.transition_tril, drift)  # B_t
     spread_drift = ((whitened_drift @ cov[..., :-1, :, :]) * whitened_drift).sum((-2, -1))
     whitened_scale = _left_solve(f.transition_tril, q.scale_tril)
