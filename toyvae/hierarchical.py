@@ -51,12 +51,6 @@ def _is_sequence(value) -> bool:
     return isinstance(value, list | tuple)
 
 
-def _log_density(noise, residual: torch.Tensor) -> torch.Tensor:
-    """log N(residual; 0, Ψ) along the last axis: −½ [n log 2π + log det Ψ + ‖L_Ψ⁻¹ r‖²]."""
-    whitened = noise.whiten(residual)
-    return -0.5 * (noise.dim * LOG_2PI + noise.log_det() + whitened.square().sum(-1))
-
-
 def _history(weight: torch.Tensor, width: int) -> torch.Tensor:
     """A conditional's weight over all the layers above, (…, K_l, width), in top-down order.
 
@@ -647,7 +641,7 @@ class HierarchicalLinearGaussian(Frozen):
         children = (x, *layers[:-1])
         for layer, (child, parent) in enumerate(zip(children, layers, strict=True)):
             residual = child - parent @ self._weights[layer].mT - self._biases[layer]
-            total = total + _log_density(self._noises[layer], residual)
+            total = total + self._noises[layer].log_density(residual)
         return total
 
     def sample(self, sample_shape=(), generator: torch.Generator | None = None):

@@ -353,10 +353,7 @@ class LinearGaussian(Frozen):
         x = self.check_data(x)
         z = self._check_z(z)
         broadcast_batch(x=x.shape[:-1], z=z.shape[:-1])
-        residual = self._noise.whiten(x - self._bias - z @ self._weight.mT)
-        log_likelihood = -0.5 * (
-            self.data_dim * LOG_2PI + self._noise.log_det() + residual.square().sum(-1)
-        )
+        log_likelihood = self._noise.log_density(x - self._bias - z @ self._weight.mT)
         return log_likelihood + self._log_prior(z)
 
     def _log_prior(self, z: torch.Tensor) -> torch.Tensor:

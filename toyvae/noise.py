@@ -17,6 +17,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 from toyvae._checks import check_finite, check_positive, check_symmetric, cholesky, describe
 from toyvae._linalg import solve_rows
+from toyvae.gaussians import LOG_2PI
 
 __all__ = ["DiagonalNoise", "FullNoise", "IsotropicNoise", "noise_covariance"]
 
@@ -48,6 +49,11 @@ class IsotropicNoise:
     def log_det(self) -> torch.Tensor:
         """log det Ψ = D log σ²."""
         return self.dim * self.variance.log()
+
+    def log_density(self, residual: torch.Tensor) -> torch.Tensor:
+        """log N(residual; 0, Ψ) along the last axis: −½ [D log 2π + log det Ψ + ‖L_Ψ⁻¹ r‖²]."""
+        whitened = self.whiten(residual)
+        return -0.5 * (self.dim * LOG_2PI + self.log_det() + whitened.square().sum(-1))
 
     def distribution(self, loc: torch.Tensor) -> Independent | MultivariateNormal:
         """N(loc, Ψ) with batch shape ``loc.shape[:-1]``."""
@@ -110,6 +116,11 @@ class FullNoise:
 
     def log_det(self) -> torch.Tensor:
         return 2 * self._tril().diagonal().log().sum()
+
+    def log_density(self, residual: torch.Tensor) -> torch.Tensor:
+        """log N(residual; 0, Ψ) along the last axis: −½ [D log 2π + log det Ψ + ‖L_Ψ⁻¹ r‖²]."""
+        whitened = self.whiten(residual)
+        return -0.5 * (self.dim * LOG_2PI + self.log_det() + whitened.square().sum(-1))
 
     def distribution(self, loc: torch.Tensor) -> MultivariateNormal:
         return MultivariateNormal(loc, scale_tril=self._tril())
