@@ -4,7 +4,6 @@ import dataclasses
 import functools
 import json
 import os
-import runpy
 import subprocess
 import sys
 
@@ -307,13 +306,13 @@ def test_out_that_is_a_file_gives_a_one_line_error(tiny, tmp_path, capsys):
     assert "--out" in one_line_error(capsys, ["report", "--quick", "--out", str(path)])
 
 
-def test_python_dash_m_toyvae_is_the_same_command(monkeypatch, capsys):
-    """`python -m toyvae` runs main(): without a subcommand it prints help and exits 2."""
-    monkeypatch.setattr(sys, "argv", ["toyvae"])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("toyvae", run_name="__main__")
-    assert exit_info.value.code == 2
-    assert "report" in capsys.readouterr().out
+def test_python_dash_m_toyvae_is_the_same_command():
+    """`python -m toyvae`, as a user runs it, is main(): without a subcommand, help and exit 2."""
+    done = subprocess.run(
+        [sys.executable, "-m", "toyvae"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert "report" in done.stdout
 
 
 class _Spy:

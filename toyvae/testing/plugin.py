@@ -16,8 +16,6 @@ property test and call :func:`toyvae.testing.assert_elbo` on each.
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -25,24 +23,6 @@ from toyvae.model import LinearGaussian
 from toyvae.testing.check import assert_elbo as _assert_elbo
 
 __all__ = ["assert_elbo", "toyvae_data", "toyvae_exact", "toyvae_model"]
-
-
-def _unmark_for_assertion_rewriting() -> None:
-    """Undo pytest's marking of the whole toyvae distribution for assertion rewriting.
-
-    pytest marks every module of a distribution that provides a ``pytest11`` entry point for
-    assertion rewriting, so that a plugin's asserts report well. toyvae's asserts are not
-    pytest's business, and a module loaded by the rewriting hook cannot be run by ``runpy``
-    (``python -m toyvae`` inside a test: the hook has no ``get_code``). The plugin's own
-    fixtures use no ``assert``. Modules imported from here on load normally.
-    """
-    for finder in sys.meta_path:
-        marked = getattr(finder, "_must_rewrite", None)
-        if isinstance(marked, set):
-            marked.discard("toyvae")
-
-
-_unmark_for_assertion_rewriting()
 
 
 @pytest.fixture
