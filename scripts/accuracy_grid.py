@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
+import figure_text
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
@@ -52,7 +53,7 @@ class Case(NamedTuple):
     def label(self) -> str:
         return (
             f"D={self.d}, K={self.k}, Ψ~{self.noise:.0e}, κ(W)={self.weight_cond:.0e}, "
-            f"|x−b|~{self.distance:.0e}"
+            f"‖x−b‖~{self.distance:.0e}"  # not |x−b|: a "|" would split the table's cell
         )
 
 
@@ -165,12 +166,12 @@ def _cell(ratio: float) -> str:
 def write(out: Path) -> None:
     rows = grid()
     lines = [
-        "| case | floor (absolute) | " + " | ".join(METHODS) + " |",
-        "|---|---:|" + "---:|" * len(METHODS),
+        "| # | case | floor (absolute) | " + " | ".join(METHODS) + " |",
+        "|---:|---|---:|" + "---:|" * len(METHODS),
     ]
-    for case, floor, ratios in rows:
+    for number, (case, floor, ratios) in enumerate(rows, start=1):  # the figure's case numbers
         cells = " | ".join(_cell(ratios[m]) for m in METHODS)
-        lines.append(f"| {case.label} | {floor:.1e} | {cells} |")
+        lines.append(f"| {number} | {case.label} | {floor:.1e} | {cells} |")
     (out / "accuracy-grid.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -187,7 +188,7 @@ def write(out: Path) -> None:
     ax.set_title("log p(x) against the 60-digit oracle, in units of each case's floor", fontsize=9)
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
-    fig.savefig(out / "accuracy-grid.png", dpi=150, metadata={"Software": None})
+    figure_text.save(fig, out / "accuracy-grid.png", dpi=150)  # records its smallest text
     plt.close(fig)
 
 
