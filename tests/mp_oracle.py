@@ -156,3 +156,55 @@ def covariance_from_tril(scale_tril):
     """L Lᵀ, exactly, from a float64 lower-triangular factor."""
     tril = to_mp(scale_tril)
     return tril * tril.T
+
+
+def state_space(transition, transition_noise, emission, emission_noise, bias, x):
+    """log p(x_{1:T}), the posterior mean (T·K column) and covariance of a linear-Gaussian
+    state-space model with z₁ ~ N(0, I), by the dense stacked textbook formulas.
+
+    ``transition_noise`` (K,) and ``emission_noise`` (D,) are variances; x is (T, D). The prior
+    of the stacked z is N(0, Σ_z) with Cov(z_t, z_s) = A^{t−s} P_s (t ≥ s), P₁ = I,
+    P_t = A P_{t−1} Aᵀ + Q; x = (I ⊗ C) z + 1 ⊗ d + noise.
+    """
+    a, c = to_mp(transition), to_mp(emission)
+    k, d = a.rows, c.rows
+    q = noise_matrix(transition_noise, k)
+    r = noise_matrix(emission_noise, d)
+    x = to_mp(x)
+    num_steps = x.rows
+    marginals = [_eye(k)]
+    for _ in range(1, num_steps):
+        marginals.append(a * marginals[-1] * a.T + q)
+    cov_z = MP.matrix(num_steps * k, num_steps * k)
+    for t in range(num_steps):
+        for s in range(t + 1):
+            block = marginals[s]
+            for _ in range(t - s):
+                block = a * block
+            for i in range(k):
+                for j in range(k):
+                    cov_z[t * k + i, s * k + j] = block[i, j]
+                    cov_z[s * k + j, t * k + i] = block[i, j]
+    stacked_c = MP.matrix(num_steps * d, num_steps * k)
+    stacked_r = MP.matrix(num_steps * d, num_steps * d)
+    residual = MP.matrix(num_steps * d, 1)
+    bias = to_mp(bias)
+    for t in range(num_steps):
+        for i in range(d):
+            residual[t * d + i] = x[t, i] - bias[i]
+            for j in range(k):
+                stacked_c[t * d + i, t * k + j] = c[i, j]
+            for j in range(d):
+                stacked_r[t * d + i, t * d + j] = r[i, j]
+    cov_x = stacked_c * cov_z * stacked_c.T + stacked_r
+    cov_x_inv = MP.inverse(cov_x)
+    log_evidence = (
+        -(
+            num_steps * d * MP.log(2 * MP.pi)
+            + _log_det(cov_x)
+            + _dot(residual, cov_x_inv * residual)
+        )
+        / 2
+    )
+    gain = cov_z * stacked_c.T * cov_x_inv
+    return log_evidence, gain * residual, cov_z - gain * stacked_c * cov_z

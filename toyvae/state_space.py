@@ -10,10 +10,13 @@ posterior mean μ (the solution of Λμ = b),
     log p(x) = −½ [T D log 2π + T log det R + log det P₀ + (T−1) log det Q + log det Λ
                    + Σ_t ‖r̃_t − C̃μ_t‖² + ‖L₀⁻¹(μ₁ − m₀)‖² + Σ_{t≥2} ‖L_Q⁻¹(μ_t − Aμ_{t−1})‖²]
 
-(docs/state-space.md, (SS4)). Λ is factored by odd–even cyclic reduction
-(:mod:`toyvae._block_tridiagonal`): the model is time-invariant, so every level has one repeated
-interior block and the matrix work is O(K³ log T), while the data enter through O(T·D·K)
-matrix products. No explicit inverse, log-determinants as 2 Σ log diag L.
+(docs/state-space.md, (SS4)). μ and log det Λ come from odd–even cyclic reduction of the
+least-squares rows whose Gram matrix is Λ, by Householder QR (:mod:`toyvae._square_root_reduction`):
+Λ itself is never formed, since C̃ᵀC̃ would round away the prior's part of it when the noise is
+small and K > D. The model is time-invariant, so every level has one repeated interior block and
+the matrix work is O(K³ log T), while the data enter through O(T·D·K) matrix products. When a
+derivative is needed it comes from the same reduction of the explicit Λ by Cholesky
+(:mod:`toyvae._block_tridiagonal`): the same function in exact arithmetic.
 
 Sequence length. The model object is length-agnostic: :meth:`LinearGaussianSSM.log_evidence`,
 :meth:`~LinearGaussianSSM.posterior`, :meth:`~LinearGaussianSSM.smoothed` and
@@ -38,6 +41,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from toyvae import _block_tridiagonal as btd
+from toyvae import _square_root_reduction as sr
 from toyvae._checks import (
     as_tensor,
     broadcast_batch,
@@ -76,6 +80,22 @@ class _Factors(NamedTuple):
     transition_precision: torch.Tensor  # Q⁻¹ = L_Q⁻ᵀ L_Q⁻¹
     initial_tril: torch.Tensor  # L₀, (K, K)
     initial_precision: torch.Tensor  # P₀⁻¹
+
+
+class _Solution(NamedTuple):
+    """One call's posterior: values from the square-root route, derivatives (when needed) from
+    the normal-equation route (:meth:`LinearGaussianSSM._solve`)."""
+
+    log_evidence: torch.Tensor
+    mean: torch.Tensor  # (…, T, K)
+    log_det: torch.Tensor  # log det Λ
+    root_levels: list  # toyvae._square_root_reduction levels
+    normal_levels: list | None  # toyvae._block_tridiagonal levels, when differentiating
+
+
+def _value_of(value: torch.Tensor, differentiable: torch.Tensor) -> torch.Tensor:
+    """``value``, with the derivative of ``differentiable`` (equal to it in exact arithmetic)."""
+    return differentiable + (value - differentiable).detach()
 
 
 class Smoothed(NamedTuple):
@@ -436,16 +456,67 @@ class LinearGaussianSSM(Frozen):
             + 2 * (num_steps - 1) * f.transition_tril.diagonal().log().sum()
         )
 
-    def _solve(self, x: torch.Tensor, f: _Factors):
-        """(log p(x), posterior mean (…, T, K), the levels of Λ's reduction) for a checked x."""
+    def _chain_rows(self, num_steps: int, f: _Factors) -> tuple[sr.ChainRows, torch.Tensor | None]:
+        """The posterior as least squares, in rows: L₀⁻¹z₁ ≈ L₀⁻¹m₀ and C̃z_t ≈ r̃_t (unary),
+        L_Q⁻¹z_{t+1} − Ãz_t ≈ 0 (pairs). C̃'s D rows are first rotated to at most K (the
+        rotation, to apply to every r̃_t, is returned)."""
+        eye = torch.eye(self.state_dim, dtype=self.dtype, device=self.device)
+        inverse_p0 = torch.linalg.solve_triangular(f.initial_tril, eye, upper=False)
+        inverse_q = torch.linalg.solve_triangular(f.transition_tril, eye, upper=False)
+        rotation, emission_rows = sr._compress(f.whitened_emission)
+        first = torch.cat([inverse_p0, f.whitened_emission], -2)
+        rows = sr.ChainRows(
+            num_steps, first, emission_rows, emission_rows, -f.whitened_transition, inverse_q
+        )
+        return rows, rotation
+
+    def _chain_rhs(self, residual: torch.Tensor, f: _Factors, rotation):
+        """The right-hand sides of :meth:`_chain_rows`' rows, for whitened residuals r̃."""
+        inverse_p0 = torch.linalg.solve_triangular(
+            f.initial_tril, self._initial_mean.unsqueeze(-1), upper=False
+        ).squeeze(-1)
+        first = torch.cat([inverse_p0.expand(*residual.shape[:-2], -1), residual[..., 0, :]], -1)
+        rotated = residual if rotation is None else residual @ rotation
+        pair = residual.new_zeros(*residual.shape[:-2], residual.shape[-2] - 1, self.state_dim)
+        return first, rotated[..., 1:-1, :], rotated[..., -1, :], pair
+
+    def _solve(self, x: torch.Tensor, f: _Factors) -> _Solution:
+        """log p(x), the posterior mean (…, T, K) and log det Λ for a checked x.
+
+        Values come from the square-root reduction (:mod:`toyvae._square_root_reduction`), which
+        never forms Λ; when a derivative is needed, it comes from the normal-equation reduction
+        of Λ (:mod:`toyvae._block_tridiagonal`), whose value is replaced by the square-root one
+        (``a + (b − a).detach()``): the same function in exact arithmetic, differentiable
+        everywhere torch's Cholesky is, and rounding-free where the normal equations are not.
+        """
         num_steps = x.shape[-2]
-        levels = btd.factor(self._precision(num_steps, f))
         residual = self._whitened_residual(x, f)
-        mean = btd.solve(levels, self._rhs(residual, f))
+        with torch.no_grad():
+            rows, rotation = self._chain_rows(num_steps, f)
+            root_levels = sr.factor(rows)
+            mean = sr.solve(root_levels, *self._chain_rhs(residual, f, rotation))
+            log_det = sr.log_det(root_levels)
+        normal_levels = None
+        watched = (x, f.whitened_emission, f.transition_tril, f.whitened_transition, f.initial_tril)
+        watched += (self._emission_bias, self._initial_mean)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in watched):
+            normal_levels = btd.factor(self._precision(num_steps, f))
+            mean = _value_of(mean, btd.solve(normal_levels, self._rhs(residual, f)))
+            log_det = _value_of(log_det, btd.log_det(normal_levels))
         misfit = residual - mean @ f.whitened_emission.mT
         quadratic = misfit.square().sum((-2, -1)) + self._prior_misfit(mean, f)
-        constant = self._constant(num_steps, f) + btd.log_det(levels)
-        return -0.5 * (constant + quadratic), mean, levels
+        log_evidence = -0.5 * (self._constant(num_steps, f) + log_det + quadratic)
+        return _Solution(log_evidence, mean, log_det, root_levels, normal_levels)
+
+    def _covariances(self, solution: _Solution) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cov(z_t|x) (T, K, K) and Cov(z_{t+1}, z_t|x) (T − 1, K, K), valued as in _solve."""
+        with torch.no_grad():
+            covariance, cross = sr.selected_inverse(solution.root_levels)
+        if solution.normal_levels is not None:
+            normal_covariance, normal_cross = btd.selected_inverse(solution.normal_levels)
+            covariance = _value_of(covariance, normal_covariance)
+            cross = _value_of(cross, normal_cross)
+        return covariance, cross
 
     # -- exact answers --------------------------------------------------------------------------
 
@@ -470,8 +541,9 @@ class LinearGaussianSSM(Frozen):
         selected inverse (only the blocks on and next to the diagonal of Λ⁻¹) in O(T K³).
         """
         x = self.check_data(x)
-        _, mean, levels = self._solve(x, self._factors())
-        covariance, cross = btd.selected_inverse(levels)
+        solution = self._solve(x, self._factors())
+        mean = solution.mean
+        covariance, cross = self._covariances(solution)
         batch = x.shape[:-2]
         k = self.state_dim
         return Smoothed(
@@ -484,12 +556,19 @@ class LinearGaussianSSM(Frozen):
         """log p(x) and p(z|x) over the flat T·K latents, dense (small T), for a checked x.
 
         The posterior mean comes from the same cyclic reduction as the evidence; its covariance
-        factor S (S Sᵀ = Λ⁻¹) from the index-reversed Cholesky factor of the dense Λ.
+        factor S (S Sᵀ = Λ⁻¹) from a state-by-state QR of its rows, never from Λ (values; the
+        derivative, when needed, is that of the Cholesky route, as in :meth:`_solve`).
         """
         f = self._factors()
-        log_evidence, mean, _ = self._solve(x, f)
+        log_evidence, mean = self._solve(x, f)[:2]
         num_steps = x.shape[-2]
-        scale_tril = _inverse_cholesky(self._precision(num_steps, f).dense())
+        eye = torch.eye(num_steps * self.state_dim, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            lower = sr.precision_factor(self._chain_rows(num_steps, f)[0])
+            scale_tril = torch.linalg.solve_triangular(lower, eye, upper=False)
+        if torch.is_grad_enabled() and log_evidence.requires_grad:
+            normal = _inverse_cholesky(self._precision(num_steps, f).dense())
+            scale_tril = _value_of(scale_tril, normal)
         loc = mean.flatten(-2)
         return Exact(log_evidence, Gaussian(loc, scale_tril.expand(*loc.shape, loc.shape[-1])))
 
@@ -924,7 +1003,8 @@ def markov_kl_to_posterior(model: LinearGaussianSSM, x, q: MarkovGaussian) -> to
     x, q = _check_markov(model, x, q)
     q = _markov_cast(q, x)
     f = model._factors()
-    _, mu, levels = model._solve(x, f)
+    solution = model._solve(x, f)
+    mu = solution.mean
     mean, cov, cross = q.marginals()
     n, k = x.shape[-2], model.state_dim
     precision = model._precision(n, f)
@@ -942,4 +1022,4 @@ def markov_kl_to_posterior(model: LinearGaussianSSM, x, q: MarkovGaussian) -> to
         coupled = (delta[..., 1:, :] @ precision.lower * delta[..., :-1, :]).sum((-2, -1))
         quadratic = quadratic + 2 * coupled
         trace = trace + 2 * (precision.lower * cross).sum((-3, -2, -1))
-    return 0.5 * (trace + quadratic - n * k - btd.log_det(levels) - q.log_det_cov())
+    return 0.5 * (trace + quadratic - n * k - solution.log_det - q.log_det_cov())
