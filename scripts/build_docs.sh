@@ -15,7 +15,7 @@ if [[ ! -f node_modules/katex/package.json || ! -f node_modules/iframe-worker/pa
     exit 1
 fi
 
-for script in scripts/make_figures.py scripts/site_figures.py scripts/beyond_figures.py scripts/accuracy_grid.py; do
+for script in scripts/make_figures.py scripts/site_figures.py scripts/beyond_figures.py scripts/accuracy_grid.py scripts/float32_accuracy.py; do
     echo "build_docs: python $script"
     python "$script"
 done

@@ -463,17 +463,22 @@ def _stacked_qr(whitened: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _magnitude(model: LinearGaussian, x: torch.Tensor, q: Gaussian | None, z) -> torch.Tensor:
-    """M by textbook dense linear algebra (elementwise for a scalar or diagonal Ψ)."""
+    """M by textbook dense linear algebra (elementwise for a scalar or diagonal Ψ), in float64
+    whatever the model's dtype: M is a scale, and in float32 the textbook log det(I + G) of a
+    model with small noise is NaN."""
     noise = model.noise
-    weight, bias = model.weight.detach(), model.bias.detach()
+    weight, bias = model.weight.detach().double(), model.bias.detach().double()
     prior = model._prior()
-    m0, l0 = prior.loc.detach(), prior.scale_tril.detach()
+    m0, l0 = prior.loc.detach().double(), prior.scale_tril.detach().double()
+    x = x.double()
+    q = None if q is None else Gaussian(q.loc.double(), q.scale_tril.double())
+    z = None if z is None else z.double()
     # Standard coordinates u = L₀⁻¹(z − m₀): the model is W L₀, b + W m₀ with prior N(0, I).
     bias = bias + weight @ m0
     weight = weight @ l0
-    eigenvalues = noise.eigenvalues()
+    eigenvalues = noise.eigenvalues().double()
     if noise.kind == "full":
-        inverse = torch.linalg.inv(noise.variance.detach())
+        inverse = torch.linalg.inv(noise.variance.detach().double())
 
         def quadratic(v):
             return ((v @ inverse) * v).sum(-1)
@@ -491,7 +496,7 @@ def _magnitude(model: LinearGaussian, x: torch.Tensor, q: Gaussian | None, z) ->
     eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
     residual = x.detach() - bias
     whitened_norm = quadratic(residual)
-    prior_log_det = prior.log_det_cov().detach().abs()
+    prior_log_det = prior.log_det_cov().detach().double().abs()
     total = (
         model.data_dim * LOG_2PI
         + eigenvalues.log().abs().sum()
