@@ -5,7 +5,8 @@ The quick checks run by default. The build-and-render checks are marked ``site``
 minutes, about 200 s on a fresh two-core machine: the figures, ``mkdocs build --strict``,
 Chromium on every page at 1280 and 390 px, captions and overflow included); CI runs them with
 ``pytest -m site``. They need the ``docs`` extra, ``npm ci`` and Chromium, and fail, never
-skip, when one is missing. Screenshots of every page are kept in ``build/site-screenshots/``.
+skip, when one is missing. Screenshots of the top of every page, at 1280 and at 390 px, are
+kept in ``build/site-screenshots/1280/`` and ``build/site-screenshots/390/``.
 """
 
 from __future__ import annotations
@@ -84,6 +85,24 @@ def test_every_page_is_in_the_nav():
     missing = sorted(pages - listed)
     assert not missing, f"pages missing from the nav in mkdocs.yml: {missing}"
     assert GENERATED_PAGES <= listed
+
+
+def _nav_order(items) -> list[str]:
+    """The nav's pages in the order a reader meets them."""
+    pages = []
+    for item in items:
+        value = next(iter(item.values())) if isinstance(item, dict) else item
+        pages += _nav_order(value) if isinstance(value, list) else [value]
+    return pages
+
+
+def test_landing_page_lists_every_page_in_nav_order():
+    """The landing page's list ("The pages") links every other page of the nav, in nav order."""
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    index = (DOCS / "index.md").read_text(encoding="utf-8")
+    section = index.split("\n## The pages\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- \[[^\]]+\]\(([\w-]+\.md)\)", section, re.MULTILINE)
+    assert listed == [page for page in _nav_order(config["nav"]) if page != "index.md"]
 
 
 def test_every_public_module_is_in_the_api_reference():
@@ -366,7 +385,10 @@ def test_no_page_shows_raw_rest(site):
 
 @pytest.mark.site
 def test_every_page_renders_in_chromium(site):
-    """Headless Chromium: all maths typeset by KaTeX, fonts loaded, no failed or remote request."""
+    """Headless Chromium: all maths typeset by KaTeX, fonts loaded, no failed or remote request,
+    no equation into its tag, no display or table scrolling at 1280 px, nothing out of the text
+    column or wider than the viewport at 1280 and 390 px, every figure captioned with its
+    smallest text at least 9 px on screen (scripts/check_site.mjs)."""
     node = shutil.which("node")
     assert node, "node not found: install Node.js, then `npm ci`"
     if SCREENSHOTS.exists():
@@ -384,4 +406,5 @@ def test_every_page_renders_in_chromium(site):
     pages = {path.relative_to(site).as_posix() for path in _pages(site)}
     assert {r["page"] for r in summary["results"]} == pages
     assert sum(r["formulas"] for r in summary["results"]) > 0
-    assert len(list(SCREENSHOTS.glob("*.png"))) == len(pages)
+    for width in (1280, 390):  # the top of every page at a desktop and a phone width
+        assert len(list((SCREENSHOTS / str(width)).glob("*.png"))) == len(pages)
