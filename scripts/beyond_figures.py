@@ -7,7 +7,8 @@ r"""Figures and numbers for docs/beyond-the-elbo.md: python scripts/beyond_figur
   sandwich widths against T, AIS against IWAE at equal compute, the flow gaps).
 
 Written to ``docs/figures/`` (git-ignored; ``scripts/build_docs.sh`` runs this) or to the
-folder given. Deterministic: fixed seeds.
+folder given. Deterministic: fixed seeds. The PNG records its smallest text size for
+scripts/check_site.mjs (scripts/figure_text.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import sys
 from pathlib import Path
 
+import figure_text
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
@@ -27,7 +29,6 @@ from toyvae import ais, flows
 from toyvae.hmc import HMCKernel
 
 ROOT = Path(__file__).resolve().parent.parent
-METADATA = {"Software": None}
 OPTIONS = {"dtype": torch.float64}
 
 
@@ -82,7 +83,7 @@ def flow_figure(path, rows, best_mean_field):
     ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=150, metadata=METADATA)
+    figure_text.save(fig, path, dpi=150)
     plt.close(fig)
 
 

@@ -2,7 +2,8 @@
 elbo-vs-likelihood) to docs/figures/.
 
 Usage: python scripts/make_figures.py [OUTPUT_DIR]   (default: docs/figures)
-Every number plotted is computed by toyvae; nothing is drawn by hand.
+Every number plotted is computed by toyvae; nothing is drawn by hand. Each PNG records its
+smallest text size for scripts/check_site.mjs (scripts/figure_text.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import figure_text
 import matplotlib
 
 matplotlib.use("Agg")
@@ -53,7 +55,7 @@ def counterexample(out: Path) -> None:
     ax.set_ylim(-2.6, -1.85)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "counterexample.png", dpi=120, metadata={"Software": None})
+    figure_text.save(fig, out / "counterexample.png", dpi=120)
     plt.close(fig)
 
 
@@ -84,7 +86,7 @@ def training(out: Path) -> None:
     axes[-1].set_xlabel("step")
     axes[0].legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=120, metadata={"Software": None})
+    figure_text.save(fig, out / "training.png", dpi=120)
     plt.close(fig)
 
 
@@ -117,7 +119,7 @@ def aggregate(out: Path) -> None:
     axes[0].set_ylabel("$z_2$")
     fig.suptitle("aggregate posterior q(z) (filled) against the prior p(z) (dashed)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out / "aggregate.png", dpi=120, metadata={"Software": None})
+    figure_text.save(fig, out / "aggregate.png", dpi=120)
     plt.close(fig)
 
 
@@ -186,7 +188,7 @@ def one_sample(out: Path) -> None:
     right.set_title("what $k$ samples buy (O5)", fontsize=10)
     right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "one-sample.png", dpi=120, metadata={"Software": None})
+    figure_text.save(fig, out / "one-sample.png", dpi=120)
     plt.close(fig)
 
 

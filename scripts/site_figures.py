@@ -9,33 +9,39 @@ r"""Figures for the documentation site, computed by toyvae itself: python script
   from ``toyvae.snr`` (1000 draws per k).
 - ``kl-resolution.png``: KL(q_t ‖ p(z|x)) against t on log-log axes along a path to the posterior,
   toyvae's and torch's ``kl_divergence``, against the law c·t² (slope 2).
+- ``mean-field.png``: the exact posterior's density contours for K = 2 with the best mean-field
+  q* = N(μ, diag(1/Λ_ii)) and the full-covariance q (the posterior itself) drawn over them, and
+  the diagonal of Σ (the marginal variances) for contrast; docs/closed-form-elbo.md.
 - ``accuracy.md``: the table of achieved float64 errors against the 60-digit mpmath oracle,
   from ``tests/test_high_precision.py``, included by docs/how-we-know.md.
 
 Written to ``docs/figures/`` (git-ignored; ``scripts/build_docs.sh`` regenerates them) or to
-the folder given as the only argument. Deterministic: fixed seeds, no clock.
+the folder given as the only argument. Deterministic: fixed seeds, no clock. Each PNG records
+its smallest text size for scripts/check_site.mjs (scripts/figure_text.py).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
+import figure_text
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.patches import Ellipse
 from torch.distributions import MultivariateNormal
 
 import toyvae
 from toyvae.estimators import iwae_estimates, iwae_first_order_bias
+from toyvae.learning import best_mean_field
 from toyvae.snr import gradient_snr, plot_snr, rainforth_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 DPI = 150
-# Matplotlib embeds the date and its version in PNG metadata; drop them so reruns are identical.
-METADATA = {"Software": None}
 
 
 def example_model():
@@ -94,7 +100,7 @@ def elbo_gap_figure(path: Path) -> None:
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, metadata=METADATA)
+    figure_text.save(fig, path, DPI)
     plt.close(fig)
 
 
@@ -147,7 +153,7 @@ def iwae_figure(path: Path, num_estimates: int = 4000) -> None:
     ax.legend(loc="center right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, metadata=METADATA)
+    figure_text.save(fig, path, DPI)
     plt.close(fig)
 
 
@@ -214,7 +220,65 @@ def kl_resolution_figure(path: Path) -> None:
     ax.set_title("The gap along a path to the posterior, in float64", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, metadata=METADATA)
+    figure_text.save(fig, path, DPI)
+    plt.close(fig)
+
+
+def mean_field_model():
+    """tests/test_flows.py's model: D = 3, K = 2, Ψ = 0.3 I; its posterior correlation is -0.87."""
+    weight = torch.tensor([[1.0, 0.9], [1.0, 1.1], [0.5, 0.4]], dtype=torch.float64)
+    model = toyvae.LinearGaussian(weight, noise_variance=0.3)
+    return model, torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+
+
+def _ellipse(mean, covariance, radius, **style) -> Ellipse:
+    """The set {z : (z − mean)ᵀ covariance⁻¹ (z − mean) = radius²}, as a patch."""
+    values, vectors = torch.linalg.eigh(covariance)  # ascending: the last column is the long axis
+    angle = math.degrees(math.atan2(vectors[1, 1], vectors[0, 1]))
+    width, height = (2 * radius * values.flip(0).sqrt()).tolist()
+    return Ellipse(mean.tolist(), width, height, angle=angle, fill=False, **style)
+
+
+def mean_field_figure(path: Path) -> None:
+    """The exact posterior (K = 2), the full-covariance q and the best mean-field q over it."""
+    model, x = mean_field_model()
+    posterior = model.exact(x).posterior.distribution()
+    mean, covariance = posterior.loc, posterior.covariance_matrix
+    mean_field = best_mean_field(model, x)  # N(μ, diag(1/Λ_ii)), (C9)
+    radii = (1.0, 2.0)  # Mahalanobis radii: 39% and 86% of the mass in two dimensions
+
+    grid = torch.linspace(-1.6, 2.9, 301, dtype=torch.float64)
+    zz = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1)
+    density = posterior.log_prob(zz).exp()
+    peak = posterior.log_prob(mean).exp().item()
+    levels = [peak * math.exp(-(r**2) / 2) for r in (3.0, 2.5, 2.0, 1.5, 1.0, 0.5)] + [peak * 1.01]
+
+    fig, ax = plt.subplots(figsize=(5.5, 6.4), layout="constrained")
+    ax.contourf(grid, grid, density, levels=levels, cmap="Blues")
+    styles = [
+        ("full-covariance $q$ = the posterior", covariance, {"color": "black", "ls": "--"}),
+        (
+            r"best mean-field $q^*$: variances $1/\Lambda_{ii}$",
+            torch.diag(mean_field.variance),
+            {"color": "tab:red", "lw": 2},
+        ),
+        (
+            r"diagonal of $\Sigma$ (not the best mean-field $q$)",
+            torch.diag(covariance.diagonal()),
+            {"color": "0.4", "ls": ":", "lw": 1.5},
+        ),
+    ]
+    for label, cov, style in styles:
+        for radius in radii:
+            patch = ax.add_patch(_ellipse(mean, cov, radius, **style))
+            if radius == radii[0]:
+                patch.set_label(label)
+    ax.plot(*mean.tolist(), "k+", ms=10, label=r"posterior mean $\mu$")
+    ax.set_aspect("equal")
+    ax.set(xlim=(grid[0], grid[-1]), ylim=(grid[0], grid[-1]), xlabel="$z_1$", ylabel="$z_2$")
+    fig.suptitle(r"$p_\theta(z \mid x)$ (filled) and Gaussian $q$, at radii 1 and 2", fontsize=11)
+    fig.legend(loc="outside lower center", fontsize=10)
+    figure_text.save(fig, path, 120)
     plt.close(fig)
 
 
@@ -225,9 +289,12 @@ def main(out: Path) -> None:
     kl_resolution_figure(out / "kl-resolution.png")
     generator = torch.Generator().manual_seed(0)
     problem = rainforth_problem(generator=generator)
-    plot_snr(gradient_snr(problem, (1, 4, 16, 64, 256), 1000, generator=generator), out / "snr.png")
+    table = gradient_snr(problem, (1, 4, 16, 64, 256), 1000, generator=generator)
+    with figure_text.recording():  # toyvae.snr.plot_snr saves the figure itself
+        plot_snr(table, out / "snr.png")
+    mean_field_figure(out / "mean-field.png")
     accuracy_table(out / "accuracy.md")
-    names = "elbo-gap.png, iwae-vs-k.png, kl-resolution.png, snr.png, accuracy.md"
+    names = "elbo-gap.png, iwae-vs-k.png, kl-resolution.png, snr.png, mean-field.png, accuracy.md"
     print(f"site_figures: {names} in {out}")
 
 
