@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from sybil import Sybil
@@ -81,8 +82,8 @@ def test_there_are_pages():
     assert {"index.md", "elbo.md", "linear-gaussian.md", "closed-form-elbo.md"} <= names
 
 
-# Pages with nothing to compute: a list of papers.
-NO_CODE = {"references.md"}
+# Pages with nothing to compute: a list of papers, a list of terms.
+NO_CODE = {"references.md", "glossary.md"}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)
@@ -338,3 +339,85 @@ def test_every_reference_is_cited_and_every_citation_has_a_reference():
     assert not unknown, f"citations of no entry on references.md: {unknown}"
     uncited = sorted(entries - {key for _, key in cited})
     assert not uncited, f"references that no page cites: {uncited}"
+
+
+# An inline link or image, [text](target) or ![alt](target "title"); the text may hold one level
+# of brackets. And a snippet include, --8<-- "figures/accuracy.md" (read from docs/).
+LINK = re.compile(r'!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+"[^"]*")?\s*\)')
+SNIPPET = re.compile(r'^--8<-- "([^"]+)"')
+CODE_SPAN = re.compile(r"`[^`]*`")
+GENERATED_PAGES = {"tests.md"}  # written by docs/hooks.py at build time, not a file in docs/
+
+
+def generated_figures() -> set[str]:
+    """Names of the files that the figure scripts run by scripts/build_docs.sh write to figures/.
+
+    docs/figures/ is not committed: the build regenerates it. A name counts if it is a string
+    literal ending in .png or .md in one of those scripts.
+    """
+    build = (ROOT / "scripts" / "build_docs.sh").read_text(encoding="utf-8")
+    names = set()
+    for script in set(re.findall(r"scripts/\w+\.py", build)):
+        for node in ast.walk(ast.parse((ROOT / script).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if re.fullmatch(r"[\w.-]+\.(png|md)", node.value):
+                    names.add(node.value)
+    return names
+
+
+def broken_links(page: Path, docs: Path = DOCS, generated: set[str] | None = None) -> list[str]:
+    """'page:line: target: why' for each relative link, image or snippet of the page that a
+    reader of the Markdown (on GitHub, in an editor) or the build could not follow."""
+    generated = generated_figures() if generated is None else generated
+    bad = []
+    for number, line in enumerate(_prose_lines(page), start=1):
+        line = CODE_SPAN.sub(lambda span: " " * len(span[0]), line)  # `[a](b)` is not a link
+        targets = [(t, page.parent) for t in LINK.findall(line)]
+        targets += [(t, docs) for t in SNIPPET.findall(line.strip())]  # base_path: docs
+        for target, base in targets:
+            parts = urlsplit(target)
+            if parts.scheme or parts.netloc or not parts.path:
+                continue  # a web address, or an anchor on this page
+            path = unquote(parts.path)
+            where = f"{page.name}:{number}: {target}"
+            if path.startswith("/"):
+                bad.append(f"{where}: absolute, not relative to the page")
+                continue
+            file = (base / path).resolve()
+            if not file.is_relative_to(docs.resolve()):
+                bad.append(f"{where}: outside docs/")
+            elif file.parent == (docs / "figures").resolve():
+                if file.name not in generated:
+                    bad.append(f"{where}: no figure script of the build writes it")
+            elif file.relative_to(docs.resolve()).as_posix() in GENERATED_PAGES:
+                continue
+            elif not file.is_file():
+                bad.append(f"{where}: no such file")
+    return bad
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_every_relative_link_and_image_resolves(page):
+    """Every relative link, image and snippet of the page resolves from the page's own folder,
+    as on GitHub: to a committed file, or to a figure the build generates into docs/figures/."""
+    bad = broken_links(page)
+    assert not bad, "links that do not resolve:\n" + "\n".join(bad)
+
+
+def test_link_check_flags_missing_absolute_and_ungenerated_targets(tmp_path):
+    """The link check flags a missing page, an absolute path and a figure no script makes."""
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "other.md").write_text("# Other\n", encoding="utf-8")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](other.md#other) [web](https://example.org/x.md) [here](#top)\n"  # line 1: fine
+        "[missing](nowhere.md)\n"  # line 2
+        "![abs](/figures/a.png)\n"  # line 3
+        "![made](figures/a.png) ![not made](figures/b.png)\n"  # line 4: b.png is not made
+        '--8<-- "figures/table.md"\n'  # line 5: made
+        "[tests](tests.md) and `[code](nowhere.md)` in prose\n",  # line 6
+        encoding="utf-8",
+    )
+    bad = broken_links(page, docs=tmp_path, generated={"a.png", "table.md"})
+    assert [entry.split(": ")[0] for entry in bad] == ["page.md:2", "page.md:3", "page.md:4"]
+    assert "figures/b.png" in bad[-1]
