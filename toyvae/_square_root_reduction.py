@@ -101,9 +101,9 @@ class Level(NamedTuple):
     final_r: torch.Tensor | None = None
 
 
-def _rotate(rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q[:, :s], R[:s]) of a complete QR of ``rows``, s = min(rows, ``keep``): the rows beyond
-    s are zero after the rotation.
+def _rotate(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, R) of a reduced QR of ``rows``: R has min(rows, columns) rows, and the rows of Qᵀ·rows
+    beyond them are zero.
 
     The rows are factored in order of decreasing norm (Q's rows are returned in the original
     order). Householder QR is backward stable column by column; with rows of very different
@@ -112,11 +112,10 @@ def _rotate(rows: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     O(1) directions.
     """
     order = torch.argsort(rows.norm(dim=-1), descending=True)
-    q_sorted, r = torch.linalg.qr(rows[order], mode="complete")
+    q_sorted, r = torch.linalg.qr(rows[order])
     q = torch.empty_like(q_sorted)
     q[order] = q_sorted
-    s = min(rows.shape[0], keep)
-    return q[:, :s], r[:s]
+    return q, r
 
 
 def _compress(rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -124,7 +123,7 @@ def _compress(rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     k = rows.shape[-1]
     if rows.shape[0] <= k:
         return None, rows
-    return _rotate(rows, k)
+    return _rotate(rows)
 
 
 def factor(rows: ChainRows) -> list[Level]:
@@ -147,7 +146,7 @@ def factor(rows: ChainRows) -> list[Level]:
                     ],
                     -2,
                 )
-                q, r = _rotate(stack, 3 * k)
+                q, r = _rotate(stack)
                 parts.update(
                     middle_q=q,
                     middle_r=r[:k, :k],
@@ -160,7 +159,7 @@ def factor(rows: ChainRows) -> list[Level]:
                     [torch.cat([right, left], -1), torch.cat([last, torch.zeros_like(last)], -1)],
                     -2,
                 )
-                q, r = _rotate(stack, 2 * k)
+                q, r = _rotate(stack)
                 receiver = middle if n >= 4 else first
                 merge_q, merged = _compress(torch.cat([receiver, r[k:, k:]], -2))
                 parts.update(last_q=q, last_r=r[:k, :k], last_left=r[:k, k:], merge_q=merge_q)
@@ -172,7 +171,7 @@ def factor(rows: ChainRows) -> list[Level]:
             if n >= 3:
                 left, right = new_left, new_right
             n -= m
-        final_q, final_r = _rotate(first, k)
+        final_q, final_r = _rotate(first)
         levels.append(Level(1, final_q=final_q, final_r=final_r))
     return levels
 
@@ -331,7 +330,7 @@ def precision_factor(rows: ChainRows) -> torch.Tensor:
             if leftover is not None:
                 unary = torch.cat([unary, leftover], -2)
             if t == 0:
-                blocks[t] = (_rotate(unary, k)[1][:k], None)
+                blocks[t] = (_rotate(unary)[1][:k], None)
                 break
             stack = torch.cat(
                 [
@@ -340,7 +339,7 @@ def precision_factor(rows: ChainRows) -> torch.Tensor:
                 ],
                 -2,
             )
-            r = _rotate(stack, 2 * k)[1]
+            r = _rotate(stack)[1]
             blocks[t] = (r[:k, :k], r[:k, k:])
             leftover = r[k:, k:]
         upper = first.new_zeros(n * k, n * k)
