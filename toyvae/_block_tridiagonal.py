@@ -34,7 +34,15 @@ import torch.nn.functional as F
 
 from toyvae._linalg import solve_rows
 
-__all__ = ["Level", "UniformBlockTridiagonal", "factor", "log_det", "selected_inverse", "solve"]
+__all__ = [
+    "Level",
+    "UniformBlockTridiagonal",
+    "expand_selected",
+    "factor",
+    "log_det",
+    "selected_inverse",
+    "solve",
+]
 
 
 class UniformBlockTridiagonal(NamedTuple):
@@ -231,24 +239,42 @@ def selected_inverse(levels: list[Level]) -> tuple[torch.Tensor, torch.Tensor]:
 
     An eliminated block j with kept neighbours i = j − 1 and k = j + 1 is, given them, Gaussian
     with covariance D_j⁻¹ and mean D_j⁻¹(b_j − lower z_i − lowerᵀ z_k), so with
-    M_i = −D_j⁻¹ lower and M_k = −D_j⁻¹ lowerᵀ:
-
-        Σ_jj = D_j⁻¹ + [M_i M_k] Cov(z_i, z_k) [M_i M_k]ᵀ,
-        Σ_ji = M_i Σ_ii + M_k Σ_ki,    Σ_kj = Σ_ki M_iᵀ + Σ_kk M_kᵀ,
-
-    where Σ_ii, Σ_kk and Σ_ki come from the reduced matrix (Σ_ki is its sub-diagonal block).
+    M_i = −D_j⁻¹ lower and M_k = −D_j⁻¹ lowerᵀ (:func:`expand_selected`).
     """
     level = levels[0]
     if level.size == 1:
         cov = _inverse(level.chol_last).unsqueeze(0)
         return cov, cov[:0]
-    n, m = level.size, level.size // 2
-    middles = m - (n % 2 == 0)
     kept_cov, kept_cross = selected_inverse(levels[1:])
+    middle = last = None
+    if level.chol_middle is not None:
+        d_inv = _inverse(level.chol_middle)
+        middle = d_inv, -d_inv @ level.lower, -d_inv @ level.lower.mT
+    if level.size % 2 == 0:
+        d_inv = _inverse(level.chol_last)
+        last = d_inv, -d_inv @ level.lower
+    return expand_selected(level.size, kept_cov, kept_cross, middle, last)
+
+
+def expand_selected(
+    n: int, kept_cov, kept_cross, middle, last
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level of the selected inverse, from the kept blocks' to all n blocks'.
+
+    ``middle`` is (D⁻¹, M_i, M_k) for the eliminated interior blocks (or ``None``), ``last``
+    (D⁻¹, M_i) for an eliminated last block (n even, else ``None``): an eliminated block is,
+    given its kept neighbours i and k, Gaussian with covariance D⁻¹ and a mean linear in them
+    with coefficients M_i and M_k, so
+
+        Σ_jj = D⁻¹ + [M_i M_k] Cov(z_i, z_k) [M_i M_k]ᵀ,
+        Σ_ji = M_i Σ_ii + M_k Σ_ki,    Σ_kj = Σ_ki M_iᵀ + Σ_kk M_kᵀ,
+
+    where Σ_ii, Σ_kk and Σ_ki come from the reduced matrix (Σ_ki is its sub-diagonal block).
+    """
+    middles = n // 2 - (n % 2 == 0)
     covs, cross_back, cross_forward = [], [], []
     if middles:
-        d_inv = _inverse(level.chol_middle)
-        m_i, m_k = -d_inv @ level.lower, -d_inv @ level.lower.mT
+        d_inv, m_i, m_k = middle
         s_ii, s_kk = kept_cov[:middles], kept_cov[1 : middles + 1]
         s_ki = kept_cross[:middles]
         covs.append(
@@ -261,15 +287,13 @@ def selected_inverse(levels: list[Level]) -> tuple[torch.Tensor, torch.Tensor]:
         cross_back.append(m_i @ s_ii + m_k @ s_ki)
         cross_forward.append(s_ki @ m_i.mT + s_kk @ m_k.mT)
     if n % 2 == 0:
-        d_inv = _inverse(level.chol_last)
-        m_i = -d_inv @ level.lower
+        d_inv, m_i = last
         s_ii = kept_cov[middles : middles + 1]
         covs.append(d_inv + m_i @ s_ii @ m_i.mT)
         cross_back.append(m_i @ s_ii)
     cov = _interleave(kept_cov, torch.cat(covs, 0), -3)
     # Sub-diagonal block t is Cov(z_{t+1}, z_t): for t = 2p it is Σ_ji of the p-th eliminated
     # block (j = 2p + 1), for t = 2p + 1 it is Σ_kj of the same block.
-    back, forward = torch.cat(cross_back, 0), cross_forward
-    forward = torch.cat(forward, 0) if forward else back[:0]
-    cross = _interleave(back, forward, -3)
-    return cov, cross
+    back = torch.cat(cross_back, 0)
+    forward = torch.cat(cross_forward, 0) if cross_forward else back[:0]
+    return cov, _interleave(back, forward, -3)

@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import torch
 
-from toyvae._block_tridiagonal import _interleave
+from toyvae._block_tridiagonal import _interleave, expand_selected
 from toyvae._linalg import solve_rows
 
 __all__ = [
@@ -270,44 +270,25 @@ def selected_inverse(levels: list[Level]) -> tuple[torch.Tensor, torch.Tensor]:
     """The diagonal blocks (n, K, K) of Λ⁻¹ and its sub-diagonal blocks (n − 1, K, K).
 
     Given its kept neighbours, an eliminated state is Gaussian with covariance D⁻¹ = (R_jjᵀR_jj)⁻¹
-    and mean linear in them with coefficients M_i = −R_jj⁻¹R_ji and M_k = −R_jj⁻¹R_jk, so
-
-        Σ_jj = D⁻¹ + [M_i M_k] Cov(z_i, z_k) [M_i M_k]ᵀ,
-        Σ_ji = M_i Σ_ii + M_k Σ_ki,    Σ_kj = Σ_ki M_iᵀ + Σ_kk M_kᵀ.
+    and mean linear in them with coefficients M_i = −R_jj⁻¹R_ji and M_k = −R_jj⁻¹R_jk; each
+    level's blocks follow from the kept ones by
+    :func:`toyvae._block_tridiagonal.expand_selected`.
     """
     level = levels[0]
     if level.size == 1:
         cov = _inverse_gram(level.final_r).unsqueeze(0)
         return cov, cov[:0]
-    n, m = level.size, level.size // 2
-    middles = m - (n % 2 == 0)
     kept_cov, kept_cross = selected_inverse(levels[1:])
-    covs, cross_back, cross_forward = [], [], []
-    if middles:
-        d_inv = _inverse_gram(level.middle_r)
-        m_i = _conditional(level.middle_r, level.middle_left)
-        m_k = _conditional(level.middle_r, level.middle_right)
-        s_ii, s_kk = kept_cov[:middles], kept_cov[1 : middles + 1]
-        s_ki = kept_cross[:middles]
-        covs.append(
-            d_inv
-            + m_i @ s_ii @ m_i.mT
-            + m_k @ s_kk @ m_k.mT
-            + m_i @ s_ki.mT @ m_k.mT
-            + m_k @ s_ki @ m_i.mT
+    middle = last = None
+    if level.middle_r is not None:
+        middle = (
+            _inverse_gram(level.middle_r),
+            _conditional(level.middle_r, level.middle_left),
+            _conditional(level.middle_r, level.middle_right),
         )
-        cross_back.append(m_i @ s_ii + m_k @ s_ki)
-        cross_forward.append(s_ki @ m_i.mT + s_kk @ m_k.mT)
-    if n % 2 == 0:
-        d_inv = _inverse_gram(level.last_r)
-        m_i = _conditional(level.last_r, level.last_left)
-        s_ii = kept_cov[middles : middles + 1]
-        covs.append(d_inv + m_i @ s_ii @ m_i.mT)
-        cross_back.append(m_i @ s_ii)
-    cov = _interleave(kept_cov, torch.cat(covs, 0), -3)
-    back = torch.cat(cross_back, 0)
-    forward = torch.cat(cross_forward, 0) if cross_forward else back[:0]
-    return cov, _interleave(back, forward, -3)
+    if level.last_r is not None:
+        last = _inverse_gram(level.last_r), _conditional(level.last_r, level.last_left)
+    return expand_selected(level.size, kept_cov, kept_cross, middle, last)
 
 
 def precision_factor(rows: ChainRows) -> torch.Tensor:
