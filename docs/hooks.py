@@ -202,8 +202,12 @@ def exports_list() -> str:
     toyvae = importlib.import_module("toyvae")
     lines = []
     for name in toyvae.__all__:
-        doc = (inspect.getdoc(getattr(toyvae, name)) or "").split("\n\n")[0].replace("\n", " ")
-        doc = rest_roles_to_code(rest_math_to_markdown(doc))
+        obj = getattr(toyvae, name)
+        if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismodule(obj):
+            doc = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
+            doc = rest_roles_to_code(rest_math_to_markdown(doc))
+        else:  # a constant: getdoc would give its type's docstring ("Built-in immutable sequence.")
+            doc = f"`{obj!r}`"
         lines.append(f"- [`toyvae.{name}`][{_canonical(f'toyvae.{name}')}]: {doc}")
     return "\n".join(lines)
 

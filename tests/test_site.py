@@ -142,6 +142,13 @@ def test_citations_become_links_to_their_documented_home():
     )
 
 
+def test_exports_list_shows_a_constant_by_value_not_its_types_docstring():
+    """The landing list of ``toyvae.__all__`` on the API page gives a constant's value."""
+    listing = _hooks().exports_list()
+    assert f"`{toyvae.ESTIMATORS!r}`" in listing
+    assert "Built-in immutable sequence" not in listing  # tuple.__doc__, as inspect.getdoc gives
+
+
 def test_docstring_maths_is_rewritten_for_katex():
     """reST ``.. math::`` blocks become $$ displays and :math: roles inline $ maths."""
     hooks = _hooks()
