@@ -346,7 +346,13 @@ def test_a_batch_from_scale_trils_or_weights_alone_is_q_batch():
     stretch = np.array([0.5, 1.0, 2.0])[:, None, None]
     batched_scales = _replace(scales, 1, scales[1] * stretch)  # scale_trils[1]: (3, 2, 2)
     batched_weights = _replace(weights, 1, weights[1] * stretch)  # weights[1]: (3, 2, 1)
-    for parts in [(locs, batched_scales, weights), (locs, scales, batched_weights)]:
+    # weights[0]: (3, 2, 2), a batched ladder weight narrower than the layers above (K_2 + K_3).
+    batched_ladder = _replace(weights, 0, weights[0] * stretch)
+    for parts in [
+        (locs, batched_scales, weights),
+        (locs, scales, batched_weights),
+        (locs, scales, batched_ladder),
+    ]:
         q = TopDownGaussian(*parts)
         assert q.batch_shape == (3,)
         joint = q.to_multivariate_normal()
