@@ -2,8 +2,9 @@
 rendered in headless Chromium, every formula typeset, every link resolved, no network request.
 
 The quick checks run by default. The build-and-render checks are marked ``site`` (a few
-minutes, about 200 s on a fresh two-core machine: the figures, ``mkdocs build --strict``,
-Chromium on every page at 1280 and 390 px, captions and overflow included); CI runs them with
+minutes: about 200 s on a quiet two-core machine, 175 s of it CPU time, and 9 minutes measured
+beside other CPU-bound jobs; the figures, ``mkdocs build --strict``, Chromium on every page at
+1280 and 390 px, captions, figure text and overflow included); CI runs them with
 ``pytest -m site``. They need the ``docs`` extra, ``npm ci`` and Chromium, and fail, never
 skip, when one is missing. Screenshots of the top of every page, at 1280 and at 390 px, are
 kept in ``build/site-screenshots/1280/`` and ``build/site-screenshots/390/``.
