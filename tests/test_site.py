@@ -2,7 +2,7 @@
 rendered in headless Chromium, every formula typeset, every link resolved, no network request.
 
 The quick checks run by default. The build-and-render checks are marked ``site`` (a few
-minutes: about 200 s on a quiet two-core machine, 175 s of it CPU time, and 9 minutes measured
+minutes: it needs 175 s of CPU time, about 200 s on a quiet two-core machine, and took 9 minutes
 beside other CPU-bound jobs; the figures, ``mkdocs build --strict``, Chromium on every page at
 1280 and 390 px, captions, figure text and overflow included); CI runs them with
 ``pytest -m site``. They need the ``docs`` extra, ``npm ci`` and Chromium, and fail, never
