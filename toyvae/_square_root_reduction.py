@@ -8,7 +8,7 @@ least-squares problem over z_0 … z_{n−1} whose rows touch one state or two n
 
 so the posterior precision is Λ = Fᵀ F for the stacked rows F, and the posterior mean minimises
 ‖F z − y‖². :mod:`toyvae._block_tridiagonal` reduces Λ itself, formed as sums of products such
-as C̃ᵀC̃; with small observation noise and more states than observations, those products swamp
+as H̃ᵀH̃; with small observation noise and more states than observations, those products swamp
 the prior's O(1) part by rounding (the condition number of Λ is the square of F's), and log p(x)
 loses up to half its digits. Here Λ is never formed: every step is a Householder QR of rows.
 
@@ -107,7 +107,7 @@ def _rotate(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The rows are factored in order of decreasing norm (Q's rows are returned in the original
     order). Householder QR is backward stable column by column; with rows of very different
-    sizes (C̃ ≈ 1e6 beside the prior's O(1) rows) it is also stable row by row only when the
+    sizes (H̃ ≈ 1e6 beside the prior's O(1) rows) it is also stable row by row only when the
     large rows come first (Cox and Higham, 1998), and the small rows carry the digits of the
     O(1) directions.
     """
@@ -298,7 +298,7 @@ def precision_factor(rows: ChainRows) -> torch.Tensor:
     The states are eliminated one at a time from the last to the first, each a small QR of the
     rows that touch it (rows in order of decreasing norm, columns reversed within every block):
     this is the QR of F with all its columns reversed, F J = Q R', so L = J R' J. A single dense
-    QR of F J loses the O(1) directions when C̃ is large; block by block, with the rows sorted
+    QR of F J loses the O(1) directions when H̃ is large; block by block, with the rows sorted
     again at every step, it does not (tests/test_hard_state_space.py).
     """
     n, first, middle, last, left, right = rows

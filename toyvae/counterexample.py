@@ -36,7 +36,7 @@ def counterexample_model(weight) -> LinearGaussian:
 
 
 class CounterexampleObjectives(NamedTuple):
-    """Per-datum averages over data with E[x²] = s, at one weight w.
+    """Per-datum averages over data with E[x²] = ν, at one weight w.
 
     Attributes
     ----------
@@ -54,15 +54,18 @@ def counterexample_objectives(weight, second_moment=3.0) -> CounterexampleObject
     r"""Average log-likelihood and best mean-field ELBO of the counterexample at w.
 
     Both are quadratics in x with no linear term (b = 0), so their averages depend on the data
-    only through s = E[x²]: the two points x = ±√s stand for any data set with that moment.
+    only through ν = E[x²] (``second_moment``): the two points x = ±√ν stand for any data set
+    with that moment.
     Computed with :meth:`LinearGaussian.log_evidence`, :func:`toyvae.gaps.best_mean_field`
     and :func:`toyvae.elbo`; in closed form (docs/elbo-vs-likelihood.md),
 
     .. math::
-        \mathbb E\log p_w(x) = -\tfrac12\Big[\log 2\pi + \log(1 + 2w^2) + \frac{s}{1 + 2w^2}\Big],
-        \qquad
-        \mathbb E\,\mathrm{ELBO}(q^*) = -\tfrac12\Big[\log 2\pi + 2\log(1 + w^2)
-            + \frac{s}{1 + 2w^2}\Big].
+        \begin{aligned}
+        \mathbb E\log p_w(x) &= -\tfrac12\Big[\log 2\pi + \log(1 + 2w^2)
+            + \frac{\nu}{1 + 2w^2}\Big], \\
+        \mathbb E\,\mathrm{ELBO}(q^*) &= -\tfrac12\Big[\log 2\pi + 2\log(1 + w^2)
+            + \frac{\nu}{1 + 2w^2}\Big].
+        \end{aligned}
     """
     model = counterexample_model(weight)
     s = as_tensor(second_moment, "second_moment", like=model.weight)
@@ -93,15 +96,15 @@ class CounterexampleOptima(NamedTuple):
 def counterexample_optima(second_moment: float = 3.0) -> CounterexampleOptima:
     """Both maximisers over w > 0, found numerically (bounded Brent search to ~1e-10 in w).
 
-    The closed forms, derived in docs/elbo-vs-likelihood.md, are w² = (s − 1)/2 and
-    w² = [s − 4 + √(s² + 8s)]/8; the tests compare the two.
+    The closed forms, derived in docs/elbo-vs-likelihood.md, are w² = (ν − 1)/2 and
+    w² = [ν − 4 + √(ν² + 8ν)]/8 (ν = ``second_moment``); the tests compare the two.
     """
     if not isinstance(second_moment, int | float) or not second_moment > 1:
         raise ValueError(
             f"second_moment must be a number > 1 (else maximum likelihood puts w = 0), "
             f"got {describe(second_moment)}"
         )
-    upper = 2 * math.sqrt(second_moment)  # beyond both optima: w² ≤ (s − 1)/2 < s
+    upper = 2 * math.sqrt(second_moment)  # beyond both optima: w² ≤ (ν − 1)/2 < ν
 
     def maximiser(field: str) -> float:
         def loss(w: float) -> float:

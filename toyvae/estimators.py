@@ -271,14 +271,16 @@ class LogWeightMoments(NamedTuple):
 def log_weight_moments(model, x, q) -> LogWeightMoments:
     r"""Exact mean and variance of log w = log p(x, z) − log q(z) for z ~ q.
 
-    In ε, log w − log p(x) = εᵀAε + bᵀε + const with A = ½(I − BᵀB), b = −Bᵀc, so
+    In ε, log w − log p(x) = εᵀAε + aᵀε + const with A = ½(I − BᵀB), a = −Bᵀc, so
 
     .. math::
-        \mathbb E\log w = \log p(x) - \mathrm{KL}(q\,\|\,p(z\mid x)) = \mathrm{ELBO}(q),\qquad
-        \operatorname{Var}\log w = 2\operatorname{tr}A^2 + \lVert b\rVert^2
+        \begin{aligned}
+        \mathbb E\log w &= \log p(x) - \mathrm{KL}(q\,\|\,p(z\mid x)) = \mathrm{ELBO}(q), \\
+        \operatorname{Var}\log w &= 2\operatorname{tr}A^2 + \lVert a\rVert^2
             = \tfrac12\lVert I - B^\top B\rVert_F^2 + \lVert B^\top c\rVert^2
+        \end{aligned}
 
-    (E εᵀAε = tr A, Var(εᵀAε + bᵀε) = 2 tr A² + ‖b‖²). The variance is zero exactly when
+    (E εᵀAε = tr A, Var(εᵀAε + aᵀε) = 2 tr A² + ‖a‖²). The variance is zero exactly when
     B is orthogonal and c = 0, i.e. q = p(z|x).
     """
     model, x, gq = check_call(model, x, q)

@@ -4,10 +4,10 @@ Each estimator is a *surrogate*: a tensor whose value is the log weight log w = 
 log q(z) and whose autograd gradient, for one ε, is one draw of the estimator. With
 z = m + L ε, ε ~ N(0, I), and φ = q's parameters, θ = the model's:
 
-- ``"reparameterization"`` (total derivative): ∇_φ log w(m + Lε); both the path through z and
+- ``"reparameterization"`` (total derivative): ∇_φ log w(m + L_qε); both the path through z and
   the explicit dependence of log q on φ.
 - ``"path_derivative"`` ("sticking the landing", Roeder et al. 2017): ∇_φ [log p(x, z) −
-  log q_φ̄(z)] with φ̄ held fixed, z = m + Lε live. It drops the score term −∇_φ log q(z), which
+  log q_φ̄(z)] with φ̄ held fixed, z = m + L_qε live. It drops the score term −∇_φ log q(z), which
   has mean zero, so it is unbiased; at q = p(z|x) the path term ∇_z [log p(z|x) − log q(z)]
   vanishes identically, so every draw is exactly zero.
 - ``"score_function"`` (REINFORCE): log w(z̄) ∇_φ log q(z̄) with z̄ held fixed, using
@@ -85,7 +85,7 @@ def _surrogate(model, x, q: Gaussian, eps: torch.Tensor, estimator: str) -> torc
     log_joint = log_joint - 0.5 * _standardised(posterior, source, eps).square().sum(-1)
     log_q = -_log_det(density) - 0.5 * _standardised(density, source, eps).square().sum(-1)
     if estimator == "path_derivative":
-        # z = m + Lε carries the gradient; q's density is frozen: the score term is dropped.
+        # z = m + L_qε carries the gradient; q's density is frozen: the score term is dropped.
         return log_joint - log_q
     # Score function: z̄ is fixed. Value log w; φ-gradient log w · ∇ log q; θ-gradient
     # ∇_θ log p(x, z̄).
@@ -113,9 +113,11 @@ def elbo_surrogate(model, x, q, num_samples, *, estimator="reparameterization", 
     num_samples-sample average.
 
     .. math::
-        \text{reparameterization:}\ \nabla_\phi \log w(m + L\varepsilon),\quad
-        \text{path\_derivative:}\ \nabla_z[\log p(x,z) - \log q(z)]\,\nabla_\phi z,\quad
-        \text{score\_function:}\ \log w(\bar z)\,\nabla_\phi\log q_\phi(\bar z)
+        \begin{aligned}
+        \text{reparameterization:}\quad & \nabla_\phi \log w(m + L_q\varepsilon), \\
+        \text{path\_derivative:}\quad & \nabla_z[\log p(x,z) - \log q(z)]\,\nabla_\phi z, \\
+        \text{score\_function:}\quad & \log w(\bar z)\,\nabla_\phi\log q_\phi(\bar z)
+        \end{aligned}
 
     Parameters
     ----------
@@ -201,7 +203,7 @@ def closed_form_gradient_moments(model, x, q, *, estimator="reparameterization")
     r"""Exact mean and variance of a gradient estimator in q's mean m and Cholesky factor L.
 
     For the reparameterisation and path-derivative estimators, at any K in O(K³) per batch
-    element. With z = m + Lε, the posterior N(μ, SSᵀ) and its precision Λ = S⁻ᵀS⁻¹, the
+    element. With z = m + L_qε, the posterior N(μ, SSᵀ) and its precision Λ = S⁻ᵀS⁻¹, the
     draws are (lower triangle of L only: its upper entries are not parameters of q)
 
     .. math::

@@ -1,18 +1,18 @@
 r"""The linear-Gaussian state-space model: exact evidence, posterior and smoothing in O(T).
 
-    z₁ ~ N(m₀, P₀),   z_t = A z_{t−1} + N(0, Q),   x_t = C z_t + d + N(0, R),   t = 1 … T.
+    z₁ ~ N(m₀, P₀),   z_t = A z_{t−1} + N(0, Q),   x_t = H z_t + d + N(0, R),   t = 1 … T.
 
-In whitened coordinates (R = L_R L_Rᵀ, Q = L_Q L_Qᵀ, C̃ = L_R⁻¹C, Ã = L_Q⁻¹A, r̃_t = L_R⁻¹(x_t − d))
+In whitened coordinates (R = L_R L_Rᵀ, Q = L_Q L_Qᵀ, H̃ = L_R⁻¹H, Ã = L_Q⁻¹A, r̃_t = L_R⁻¹(x_t − d))
 the posterior precision Λ over z_{1:T} is block tridiagonal, the prior's Markov precision plus
-G = C̃ᵀC̃ on every diagonal block, and the evidence is, by completing the square at the
+G = H̃ᵀH̃ on every diagonal block, and the evidence is, by completing the square at the
 posterior mean μ (the solution of Λμ = b),
 
     log p(x) = −½ [T D log 2π + T log det R + log det P₀ + (T−1) log det Q + log det Λ
-                   + Σ_t ‖r̃_t − C̃μ_t‖² + ‖L₀⁻¹(μ₁ − m₀)‖² + Σ_{t≥2} ‖L_Q⁻¹(μ_t − Aμ_{t−1})‖²]
+                   + Σ_t ‖r̃_t − H̃μ_t‖² + ‖L₀⁻¹(μ₁ − m₀)‖² + Σ_{t≥2} ‖L_Q⁻¹(μ_t − Aμ_{t−1})‖²]
 
 (docs/state-space.md, (SS4)). μ and log det Λ come from odd–even cyclic reduction of the
 least-squares rows whose Gram matrix is Λ, by Householder QR (:mod:`toyvae._square_root_reduction`):
-Λ itself is never formed, since C̃ᵀC̃ would round away the prior's part of it when the noise is
+Λ itself is never formed, since H̃ᵀH̃ would round away the prior's part of it when the noise is
 small and K > D. The model is time-invariant, so every level has one repeated interior block and
 the matrix work is O(K³ log T), while the data enter through O(T·D·K) matrix products. When a
 derivative is needed it comes from the same reduction of the explicit Λ by Cholesky
@@ -73,8 +73,8 @@ class _Factors(NamedTuple):
     """The x-independent quantities of one call, in whitened coordinates."""
 
     noise: IsotropicNoise | FullNoise  # R, a noise object (toyvae.noise)
-    whitened_emission: torch.Tensor  # C̃ = L_R⁻¹ C, (D, K)
-    gram: torch.Tensor  # G = C̃ᵀC̃, (K, K)
+    whitened_emission: torch.Tensor  # H̃ = L_R⁻¹ H, (D, K)
+    gram: torch.Tensor  # G = H̃ᵀH̃, (K, K)
     transition_tril: torch.Tensor  # L_Q, (K, K)
     whitened_transition: torch.Tensor  # Ã = L_Q⁻¹ A, (K, K)
     transition_precision: torch.Tensor  # Q⁻¹ = L_Q⁻ᵀ L_Q⁻¹
@@ -163,7 +163,7 @@ class LinearGaussianSSM(Frozen):
 
     .. math::
         z_1 \sim \mathcal N(m_0, P_0), \quad z_t = A z_{t-1} + \mathcal N(0, Q), \quad
-        x_t = C z_t + d + \mathcal N(0, R)
+        x_t = H z_t + d + \mathcal N(0, R)
 
     Parameters
     ----------
@@ -172,7 +172,7 @@ class LinearGaussianSSM(Frozen):
     transition_noise : float, (K,) or (K, K)
         Q, a covariance: a scalar variance, a vector of variances or a full matrix.
     emission : (D, K) tensor or array
-        C.
+        H (the emission matrix; docs/state-space.md).
     emission_noise : float, (D,) or (D, D)
         R, a covariance, in the same three forms; a scalar or vector never forms a D×D matrix.
     emission_bias : (D,), optional
@@ -433,7 +433,7 @@ class LinearGaussianSSM(Frozen):
         return f.noise.whiten(x - self._emission_bias)
 
     def _rhs(self, residual: torch.Tensor, f: _Factors) -> torch.Tensor:
-        """b_t = C̃ᵀ r̃_t, plus P₀⁻¹m₀ at t = 1: Λμ = b gives the posterior mean."""
+        """b_t = H̃ᵀ r̃_t, plus P₀⁻¹m₀ at t = 1: Λμ = b gives the posterior mean."""
         b = residual @ f.whitened_emission
         start = f.initial_precision @ self._initial_mean
         return b + torch.nn.functional.pad(start.unsqueeze(0), (0, 0, 0, b.shape[-2] - 1))
@@ -457,8 +457,8 @@ class LinearGaussianSSM(Frozen):
         )
 
     def _chain_rows(self, num_steps: int, f: _Factors) -> tuple[sr.ChainRows, torch.Tensor | None]:
-        """The posterior as least squares, in rows: L₀⁻¹z₁ ≈ L₀⁻¹m₀ and C̃z_t ≈ r̃_t (unary),
-        L_Q⁻¹z_{t+1} − Ãz_t ≈ 0 (pairs). C̃'s D rows are first rotated to at most K (the
+        """The posterior as least squares, in rows: L₀⁻¹z₁ ≈ L₀⁻¹m₀ and H̃z_t ≈ r̃_t (unary),
+        L_Q⁻¹z_{t+1} − Ãz_t ≈ 0 (pairs). H̃'s D rows are first rotated to at most K (the
         rotation, to apply to every r̃_t, is returned)."""
         eye = torch.eye(self.state_dim, dtype=self.dtype, device=self.device)
         inverse_p0 = torch.linalg.solve_triangular(f.initial_tril, eye, upper=False)
@@ -524,9 +524,12 @@ class LinearGaussianSSM(Frozen):
         r"""log p_θ(x_{1:T}), shape ``x.shape[:-2]``, exact, for any T in O(T·D·K + K³ log T).
 
         .. math::
-            \log p(x) = -\tfrac12\big[TD\log 2\pi + T\log\det R + \log\det P_0
-                + (T-1)\log\det Q + \log\det\Lambda + \textstyle\sum_t\lVert\tilde r_t
-                - \tilde C\mu_t\rVert^2 + \lVert e(\mu)\rVert^2\big]
+            \begin{aligned}
+            \log p(x) = -\tfrac12\big[&TD\log 2\pi + T\log\det R + \log\det P_0
+                + (T-1)\log\det Q + \log\det\Lambda \\
+                &+ \textstyle\sum_t\lVert\tilde r_t - \tilde H\mu_t\rVert^2
+                + \lVert e(\mu)\rVert^2\big]
+            \end{aligned}
 
         with μ the posterior mean and e(μ) the prior's whitened residuals at μ: the quadratic
         form of the marginal, completed into non-negative squares (no cancellation).
@@ -618,13 +621,13 @@ class LinearGaussianSSM(Frozen):
         return MultivariateNormal(loc, scale_tril=tril)
 
     def expected_log_likelihood(self, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
-        r"""E_q Σ_t log N(x_t; C z_t + d, R) for a checked x and a canonical q over T·K.
+        r"""E_q Σ_t log N(x_t; H z_t + d, R) for a checked x and a canonical q over T·K.
 
         .. math::
             -\tfrac12\textstyle\sum_t\big[D\log 2\pi + \log\det R
-                + \lVert\tilde r_t - \tilde C m_t\rVert^2 + \operatorname{tr}(G\,\Sigma_{tt})\big]
+                + \lVert\tilde r_t - \tilde H m_t\rVert^2 + \operatorname{tr}(G\,\Sigma_{tt})\big]
 
-        with m_t and Σ_tt q's blocks; tr(GΣ_tt) = ‖C̃ L_t‖_F² for L_t the t-th block row of q's
+        with m_t and Σ_tt q's blocks; tr(GΣ_tt) = ‖H̃ L_t‖_F² for L_t the t-th block row of q's
         Cholesky factor. Not computed from :meth:`exact`.
         """
         f = self._factors()
@@ -656,7 +659,7 @@ class LinearGaussianSSM(Frozen):
         Mirrors :func:`toyvae.tolerances.magnitude`: the constants T·D·log 2π, the absolute
         log-eigenvalues of R (T times), P₀ and Q (T − 1 times), |log det Λ| and, for the two
         squared norms of log p(x), twice the squared whitened distance of x from the prior
-        mean path C A^{t−1} m₀ + d (their sum is the minimum over z of a quadratic that takes
+        mean path H A^{t−1} m₀ + d (their sum is the minimum over z of a quadratic that takes
         that value at the prior mean path), plus T·K. Dense: small T when q or z is given.
         """
         num_steps, k = x.shape[-2], self.state_dim
@@ -957,7 +960,7 @@ def markov_elbo(model: LinearGaussianSSM, x, q: MarkovGaussian) -> torch.Tensor:
     f = model._factors()
     mean, cov, _ = q.marginals()
     k = model.state_dim
-    # Reconstruction: −½[D log 2π + log det R + ‖r̃_t − C̃ m_t‖² + tr(G Σ_t)] per step.
+    # Reconstruction: −½[D log 2π + log det R + ‖r̃_t − H̃ m_t‖² + tr(G Σ_t)] per step.
     misfit = model._whitened_residual(x, f) - mean @ f.whitened_emission.mT
     spread = (f.gram * cov).sum((-3, -2, -1))
     reconstruction = -0.5 * (
