@@ -72,6 +72,11 @@ def _top_down(change):
     return call
 
 
+def _two_layers(**changes):
+    """HierarchicalLinearGaussian with D = 3, (K_1, K_2) = (2, 1) and the given arguments."""
+    return HierarchicalLinearGaussian(**({"weights": [np.ones((3, 2)), np.ones((2, 1))]} | changes))
+
+
 _NOT_AN_ARRAY = "must be a torch tensor, a NumPy array or a real number, got "
 
 # (call, error type, the message's expected start). The messages name the argument first
@@ -272,6 +277,75 @@ MESSAGES = [
         ValueError,
         "x must be finite, got 1 NaN",
         id="x-nan",
+    ),
+    pytest.param(
+        lambda: _two_layers(weights=np.ones((3, 2))),
+        TypeError,
+        "weights must be a list or tuple of L ≥ 2 matrices [W_0 (D, K_1), W_1 (K_1, K_2), …], "
+        "ordered from the data side, got an array of shape (3, 2)",
+        id="model-weights-not-a-list",
+    ),
+    pytest.param(
+        lambda: _two_layers(weights=[np.ones(3), np.ones((2, 1))]),
+        ValueError,
+        "weights[0] must be a (D, K_1) matrix, got an array of shape (3,)",
+        id="model-weights0-vector",
+    ),
+    pytest.param(
+        lambda: _two_layers(weights=[np.ones((0, 2)), np.ones((2, 1))]),
+        ValueError,
+        "weights[0] must have D ≥ 1 rows and K_1 ≥ 1 columns, got an array of shape (0, 2)",
+        id="model-weights0-empty",
+    ),
+    pytest.param(
+        lambda: _two_layers(weights=[np.ones((3, 2)), np.ones((3, 1))]),
+        ValueError,
+        "weights[1] must have K_1 = 2 rows, the columns of weights[0] (3, 2), got an array of "
+        "shape (3, 1)",
+        id="model-weights1-rows",
+    ),
+    pytest.param(
+        lambda: _two_layers(biases=[None]),
+        ValueError,
+        "biases must hold 2 entries (b_0, …, b_{L−1}; None entries for zeros), got 1",
+        id="model-biases-length",
+    ),
+    pytest.param(
+        lambda: _two_layers(biases=["b0", None]),
+        TypeError,
+        "biases[0] " + _NOT_AN_ARRAY,
+        id="model-biases0-not-an-array",
+    ),
+    pytest.param(
+        lambda: _two_layers(noise_variances=[1.0]),
+        ValueError,
+        "noise_variances must hold 2 entries (Ψ_0, …, Ψ_{L−1}, one per layer), got 1",
+        id="model-noise-length",
+    ),
+    pytest.param(
+        lambda: _two_layers(noise_variances="a"),
+        TypeError,
+        "noise_variances " + _NOT_AN_ARRAY,
+        id="model-noise-not-an-array",
+    ),
+    pytest.param(
+        lambda: _two_layers(noise_variances=np.ones(3)),
+        ValueError,
+        "noise_variances must be a scalar variance shared by every layer, or a list of 2 "
+        "per-layer variances (scalar, vector or matrix each), got an array of shape (3,)",
+        id="model-noise-shape",
+    ),
+    pytest.param(
+        lambda: _two_layers(noise_variances=-1.0),
+        ValueError,
+        "noise_variances must be strictly positive, got a smallest entry of -1.0",
+        id="model-noise-negative",
+    ),
+    pytest.param(
+        lambda: _two_layers(noise_variances=[1.0, "a"]),
+        TypeError,
+        "noise_variances[1] " + _NOT_AN_ARRAY,
+        id="model-noise1-not-an-array",
     ),
 ]
 
@@ -576,3 +650,70 @@ def test_layerwise_elbo_of_a_float64_q_is_computed_in_a_float32_models_dtype():
     # step, each a sum of the terms in M: the float32 identity tolerance, 4·n·eps32·M.
     tolerance = identity_tolerance(model32, x.float(), dense).double()
     assert ((terms.elbo.double() - toyvae.elbo(model64, x, dense)).abs() <= tolerance).all()
+
+
+# -- the model's defaults, conversions and in-place checks -------------------------------------
+
+
+def test_default_noise_is_unit_variance_in_every_layer():
+    """Without noise_variances every Ψ_l is I, and log p(x) is the reference chain's with σ² = 1."""
+    model = HierarchicalLinearGaussian(WEIGHTS, BIASES)
+    assert [n.kind for n in model.noises] == ["isotropic"] * 3
+    assert all(float(v) == 1.0 for v in model.noise_variances)
+    x = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]])
+    expected, _, _ = ref.hierarchical_exact(WEIGHTS, BIASES, 1.0, x)
+    # Two routes to sums of the terms in M (identity_tolerance); the reference factors the
+    # dense marginal covariance C_x, which adds its condition number κ(C_x) (< 50 here).
+    _, cov = ref.gaussian_chain(
+        np.zeros(1), np.eye(1), WEIGHTS[::-1], BIASES[::-1], [np.eye(2), np.eye(2), np.eye(3)]
+    )
+    kappa = np.linalg.cond(cov[5:, 5:])
+    assert kappa < 50
+    tolerance = kappa * identity_tolerance(model, torch.as_tensor(x)).numpy()
+    assert np.all(np.abs(model.log_evidence(x).numpy() - expected) <= tolerance)
+
+
+def test_a_float16_shared_noise_variance_is_converted_to_the_models_dtype():
+    """'the others are converted to' weights[0]'s dtype: a float16 scalar Ψ included."""
+    model = _two_layers(noise_variances=torch.tensor(0.5, dtype=torch.float16))
+    assert all(v.dtype == torch.float64 and float(v) == 0.5 for v in model.noise_variances)
+
+
+def _edit_bias():
+    bias = torch.zeros(3, dtype=torch.float64)
+    return _two_layers(biases=[bias, None]), bias
+
+
+def _edit_shared(dtype):
+    def build():
+        variance = torch.tensor(0.5, dtype=dtype)
+        return _two_layers(noise_variances=variance), variance
+
+    return build
+
+
+def _edit_layer_noise():
+    variance = torch.tensor(0.5, dtype=torch.float64)
+    return _two_layers(noise_variances=[1.0, variance]), variance
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        pytest.param(_edit_bias, "biases[0]", id="bias"),
+        pytest.param(_edit_shared(torch.float64), "noise_variances", id="shared-noise"),
+        # A float32 Ψ is copied into the float64 model: the model watches the caller's tensor,
+        # whose edit the copy would never see.
+        pytest.param(_edit_shared(torch.float32), "noise_variances", id="shared-float32-noise"),
+        pytest.param(_edit_layer_noise, "noise_variances[1]", id="layer-noise"),
+    ],
+)
+def test_an_in_place_edit_of_any_given_tensor_raises_naming_it(build, name):
+    """'a parameter modified in place makes every later call raise RuntimeError', naming it."""
+    model, tensor = build()
+    x = np.zeros(3)
+    model.log_evidence(x)  # unedited: fine
+    tensor.add_(1.0)
+    with pytest.raises(RuntimeError) as raised:
+        model.log_evidence(x)
+    assert str(raised.value).startswith(f"{name} was modified in place"), str(raised.value)
