@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.special
 import scipy.stats
+import seeds
 import torch
 from hypothesis import given
 from torch.distributions import MultivariateNormal
@@ -32,7 +33,7 @@ Z = 5.0
 
 def random_case(seed, d=4, k=2):
     """A diagonal-noise model, an arbitrary encoder (full L_S) and a Gaussian data distribution."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeds.generator(seed)
     o = {"dtype": F64, "generator": gen}
     model = toyvae.LinearGaussian(
         torch.randn(d, k, **o), torch.randn(d, **o), torch.rand(d, **o) + 0.3
@@ -313,8 +314,8 @@ def test_joint_kl_is_positive_when_either_part_is_off():
 def test_empirical_aggregate_density_is_the_mixture_density():
     """log q(z) for a data set is log (1/N) Σ_n N(z; Vx_n + c, S), checked against SciPy."""
     _, encoder, _ = random_case(3)
-    x = torch.randn(6, 4, dtype=F64, generator=torch.Generator().manual_seed(5))
-    z = torch.randn(7, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(6, 4, dtype=F64, generator=seeds.generator(5))
+    z = torch.randn(7, 2, dtype=F64, generator=seeds.generator(6))
     cov = (encoder.scale_tril @ encoder.scale_tril.mT).numpy()
     means = (x @ encoder.weight.mT + encoder.bias).numpy()
     dense = np.log(
@@ -328,6 +329,9 @@ def test_empirical_aggregate_density_is_the_mixture_density():
 
 def one_dimensional_mixture():
     """K = 1: an encoder, N = 5 data points, and the mixture's component means and scale."""
+    # Pinned, not moved by TOYVAE_SEED_OFFSET: the quadrature's 1e-12 convergence (checked in
+    # the test below) is a property of these five means; other draws can spread them so far
+    # that 120 nodes agree with 160 only to 1e-10. The Monte Carlo draws do move.
     gen = torch.Generator().manual_seed(11)
     x = 2 * torch.randn(5, 3, dtype=F64, generator=gen)
     encoder = LinearGaussianEncoder(
@@ -356,6 +360,7 @@ def test_stratified_standard_error_uses_the_unbiased_per_stratum_variance():
     assert abs(estimate.standard_error.item() ** 2 - 5 / 12) <= 16 * EPS * 5 / 12
 
 
+@pytest.mark.false_alarm(1.2e-6)  # two 5-s.e. normal deviations: 2 × 5.7e-7
 def test_empirical_surgery_estimates_match_quadrature_within_exact_standard_errors():
     """K = 1: the Monte Carlo I(x; z) and KL(q(z) ‖ p) are within 5 exact standard errors."""
     encoder, x, means, scale = one_dimensional_mixture()
@@ -387,9 +392,7 @@ def test_empirical_surgery_estimates_match_quadrature_within_exact_standard_erro
     # The integrands are analytic, so Gauss–Hermite converges geometrically: 120 and 160
     # nodes agreeing to 1e-12 bounds the quadrature error far below the Monte Carlo error.
     assert np.abs(np.stack(moments(160)) - np.stack([kl_terms, information_terms])).max() <= 1e-12
-    surgery = empirical_elbo_surgery(
-        encoder, x, per_point, generator=torch.Generator().manual_seed(0)
-    )
+    surgery = empirical_elbo_surgery(encoder, x, per_point, generator=seeds.generator(0))
     for estimate, terms in [
         (surgery.marginal_kl, kl_terms),
         (surgery.mutual_information, information_terms),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import seeds
 import torch
 
 import toyvae
@@ -24,7 +25,7 @@ KERNEL = HMCKernel(step_size=0.2, num_steps=3)
 
 
 def _model():
-    generator = torch.Generator().manual_seed(0)
+    generator = seeds.generator(0)
     weight = torch.randn(5, 2, generator=generator, **OPTIONS)
     noise = torch.rand(5, generator=generator, **OPTIONS) + 0.5
     model = toyvae.LinearGaussian(weight, noise_variance=noise)
@@ -39,7 +40,7 @@ def _ssm():
         torch.tensor([[1.0, 0.0], [0.5, 1.0], [0.0, 2.0]], **OPTIONS),
         torch.tensor([0.5, 1.0, 0.2], **OPTIONS),
     )
-    x, _ = model.sample(2, num_steps=3, generator=torch.Generator().manual_seed(1))
+    x, _ = model.sample(2, num_steps=3, generator=seeds.generator(1))
     return model.with_num_steps(3), x
 
 
@@ -102,15 +103,11 @@ def _sandwich(steps, chains=256):
     exact posterior draw), and one forward chain each: bounds minus log p(x), per pair.
     """
     model = _model()[0]
-    x, z = model.sample((chains,), generator=torch.Generator().manual_seed(7))
+    x, z = model.sample((chains,), generator=seeds.generator(7))
     log_evidence = model.log_evidence(x)
     betas = ais.linear_schedule(steps)
-    forward = ais.forward_ais(
-        model, x, 1, betas, KERNEL, generator=torch.Generator().manual_seed(8)
-    )
-    reverse = ais.reverse_ais(
-        model, x, z[None], betas, KERNEL, generator=torch.Generator().manual_seed(9)
-    )
+    forward = ais.forward_ais(model, x, 1, betas, KERNEL, generator=seeds.generator(8))
+    reverse = ais.reverse_ais(model, x, z[None], betas, KERNEL, generator=seeds.generator(9))
     return forward.bounds[0] - log_evidence, reverse.bounds[0] - log_evidence
 
 
@@ -118,6 +115,9 @@ def _mean_and_error(values):
     return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
+# false alarm: 4 one-sided z's at 1e-6 (2 schedules × lower, upper); the narrowing's z was 9.6 to
+# 12.3 at offsets 0–5, so it misses 4.75 with probability ≈ Φ(−5) ≤ 1e-6.
+@pytest.mark.false_alarm(5e-6)
 def test_bdmc_sandwich_contains_log_evidence_and_narrows_with_more_temperatures():
     """On simulated data: E lower ≤ log p(x) ≤ E upper, and T = 30 is narrower than T = 3."""
     widths = {}
@@ -133,6 +133,7 @@ def test_bdmc_sandwich_contains_log_evidence_and_narrows_with_more_temperatures(
     assert difference > Z_ONE_SIDED * math.hypot(wide_error, narrow_error), widths
 
 
+@pytest.mark.false_alarm(6e-6)  # 3 data points × a two-sided 4.75-s.e. band (2e-6 each)
 def test_forward_ais_estimate_from_many_chains_is_near_log_evidence():
     """log mean w over 256 chains is consistent with log p(x): E w = p(x) (unbiased weights).
 
@@ -141,7 +142,7 @@ def test_forward_ais_estimate_from_many_chains_is_near_log_evidence():
     """
     model, x, _ = _model()
     run = ais.forward_ais(
-        model, x, 256, ais.linear_schedule(30), KERNEL, generator=torch.Generator().manual_seed(10)
+        model, x, 256, ais.linear_schedule(30), KERNEL, generator=seeds.generator(10)
     )
     ratios = (run.bounds - model.log_evidence(x)).exp()
     mean, error = ratios.mean(0), ratios.std(0) / math.sqrt(256)

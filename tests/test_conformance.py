@@ -234,6 +234,9 @@ def near_identity_path(pair) -> list[PathRow]:
     """
     if pair in PYRO_PAIRS:
         import pyro.distributions  # noqa: F401
+    # Pinned, not moved by TOYVAE_SEED_OFFSET: the path is a documented example (seed 0), and
+    # torch's errors along it are rounding luck of these numbers, not a law (another direction
+    # gives 5 %, not > 10 %, at the end of the Normal path).
     rng = np.random.default_rng(0)
     loc = rng.normal(size=K)
     factor, diag = rng.normal(size=(K, R)), rng.uniform(0.5, 2, K)
@@ -347,7 +350,10 @@ def low_rank_log_prob_sweep(shapes=SHAPES, noises=NOISES) -> list[LogProbRow]:
     rows = []
     for d, k in shapes:
         for noise in noises:
-            case = Hard(round(-math.log10(noise)), d, k, noise)
+            # Pinned: docs/conformance.md prints this sweep, and torch's error in floors is the
+            # rounding of these cases (other draws put it at 178 floors, not > 1e3, at D = 8,
+            # K = 3, noise 1e-9); log_evidence's accuracy on fresh draws is test_hard_regimes'.
+            case = Hard(round(-math.log10(noise)), d, k, noise, pinned=True)
             model = toyvae.LinearGaussian(case.weight, case.bias, case.noise)
             x = torch.from_numpy(case.x)
             marginal = model.marginal()

@@ -1,7 +1,7 @@
 """toyvae.estimators.log_weight_cumulants: the exact κ₂ and κ₄ of log w under q."""
 
-import numpy as np
 import pytest
+import seeds
 import torch
 from torch.distributions import MultivariateNormal
 
@@ -15,7 +15,7 @@ from toyvae.tolerances import EPS, posterior_condition
 
 
 def _model():
-    rng = np.random.default_rng(4)
+    rng = seeds.rng(4)
     model = LinearGaussian(rng.normal(size=(6, 2)), rng.normal(size=6), rng.uniform(0.5, 2, 6))
     return model, torch.as_tensor(rng.normal(size=(3, 6)))
 
@@ -24,7 +24,7 @@ def test_fourth_cumulant_of_log_weights_matches_quadrature():
     """κ₂, κ₄ of log w from the cumulant formula equal μ₂, μ₄ − 3μ₂² by Gauss–Hermite quadrature."""
     model, x = _model()
     # The far-away q: large A = ½(I − BᵀB) and b = −Bᵀc, so both kinds of term matter.
-    q = random_gaussians(model, x, torch.Generator().manual_seed(0))[2]
+    q = random_gaussians(model, x, seeds.generator(0))[2]
     # log w is quadratic in ε, so (log w − m)⁴ has degree 8 ≤ 2·5 − 1: order 5 is exact.
     nodes, weights = gauss_hermite_noise(2, 5)
     eps = nodes[:, None, :].expand(-1, 3, 2)
@@ -50,7 +50,7 @@ def test_fourth_cumulant_of_log_weights_matches_quadrature():
 def test_second_cumulant_is_the_variance_of_log_weight_moments():
     """κ₂ is Var log w: the same quantity as log_weight_moments' variance, to rounding."""
     model, x = _model()
-    for q in random_gaussians(model, x, torch.Generator().manual_seed(1)):
+    for q in random_gaussians(model, x, seeds.generator(1)):
         kappa2, _ = log_weight_cumulants(model, x, q)
         variance = toyvae.log_weight_moments(model, x, q).variance
         assert torch.allclose(kappa2, variance, rtol=64 * EPS, atol=0)
@@ -65,7 +65,7 @@ def test_cumulants_vanish_at_the_posterior_and_have_the_batch_shape():
     assert kappa2.shape == kappa4.shape == (3,)
     assert (kappa2 <= 64 * EPS).all() and (kappa4 <= 64 * EPS).all()
     # One q for a (2, 3) batch of data, and one x and one q with no batch at all.
-    near = random_gaussians(model, x[:1], torch.Generator().manual_seed(2))[0]
+    near = random_gaussians(model, x[:1], seeds.generator(2))[0]
     assert log_weight_cumulants(model, x.expand(2, 3, 6), near)[0].shape == (2, 3)
     single = MultivariateNormal(post.loc[0], scale_tril=post.scale_tril.expand(3, 2, 2)[0])
     assert log_weight_cumulants(model, x[0], single)[1].shape == ()

@@ -1,6 +1,7 @@
 """The linear-Gaussian encoder: the exact posterior as an encoder, validation, immutability."""
 
 import pytest
+import seeds
 import torch
 from hypothesis import given
 
@@ -14,7 +15,7 @@ F64 = torch.float64
 
 def random_encoder(seed, d=4, k=2):
     """An arbitrary encoder with a full L_S (positive diagonal)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeds.generator(seed)
     o = {"dtype": F64, "generator": gen}
     lower = torch.randn(k, k, **o).tril(-1) + torch.diag(torch.rand(k, **o) + 0.5)
     return LinearGaussianEncoder(torch.randn(k, d, **o), torch.randn(k, **o), lower)
@@ -24,7 +25,7 @@ def random_encoder(seed, d=4, k=2):
 def test_exact_posterior_encoder_is_the_model_posterior(model):
     """LinearGaussianEncoder.exact_posterior(model)(x) has the posterior's mean and covariance."""
     encoder = LinearGaussianEncoder.exact_posterior(model)
-    x = model.sample((3,), generator=torch.Generator().manual_seed(0))[0]
+    x = model.sample((3,), generator=seeds.generator(0))[0]
     q, post = encoder(x), model.posterior(x)
     precision = torch.linalg.inv(post.covariance_matrix[0])
     kappa = torch.linalg.cond(precision).item()
@@ -75,12 +76,12 @@ def test_encoder_reads_only_the_lower_triangle_of_scale_tril():
     encoder = random_encoder(2)
     junk = torch.triu(torch.full((2, 2), 7.0, dtype=F64), 1)
     noisy = LinearGaussianEncoder(encoder.weight, encoder.bias, encoder.scale_tril + junk)
-    x = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(3, 4, dtype=F64, generator=seeds.generator(3))
     # The upper triangle is discarded before any arithmetic, so the results are bit-identical.
     assert torch.equal(noisy.scale_tril, encoder.scale_tril)
     q, clean = noisy(x), encoder(x)
     assert torch.equal(q.loc, clean.loc) and torch.equal(q.scale_tril, clean.scale_tril)
-    z = torch.randn(3, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    z = torch.randn(3, 2, dtype=F64, generator=seeds.generator(4))
     assert torch.equal(q.log_prob(z), clean.log_prob(z))
 
 
@@ -96,7 +97,7 @@ def test_encoder_is_differentiable_in_its_parameters():
     weight, bias, lower = (
         t.clone().requires_grad_() for t in (encoder.weight, encoder.bias, encoder.scale_tril)
     )
-    gen = torch.Generator().manual_seed(6)
+    gen = seeds.generator(6)
     model = toyvae.LinearGaussian(torch.randn(4, 2, dtype=F64, generator=gen), noise_variance=0.5)
     x = torch.randn(3, 4, dtype=F64, generator=gen)
     q = LinearGaussianEncoder(weight, bias, lower)(x)
@@ -111,7 +112,7 @@ def test_encoder_is_differentiable_in_its_parameters():
 
 def test_encoder_is_immutable_and_an_in_place_edit_raises():
     """Attributes cannot be set, and an optimizer-style in-place edit of V makes later use raise."""
-    weight = torch.randn(2, 4, dtype=F64, generator=torch.Generator().manual_seed(7))
+    weight = torch.randn(2, 4, dtype=F64, generator=seeds.generator(7))
     encoder = LinearGaussianEncoder(weight)
     with pytest.raises(AttributeError, match="immutable"):
         encoder.weight = weight

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+import seeds
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,7 +39,7 @@ DT = torch.float64
 
 
 def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return seeds.generator(seed)
 
 
 def _model(d: int, k: int, seed: int, noise: str = "diagonal") -> toyvae.LinearGaussian:
@@ -187,6 +188,7 @@ def test_log_weight_variance_is_zero_exactly_at_the_posterior():
     assert torch.all(off > 1e-3)
 
 
+@pytest.mark.false_alarm(9e-6)  # 3 median-of-means radii × 3 data points, 1e-6 each
 def test_monte_carlo_mean_and_variance_of_log_w_match_exact_moments():
     """The MC mean (the single-sample ELBO estimator) is unbiased and its MC variance matches."""
     model = _model(6, 2, seed=11)
@@ -360,6 +362,7 @@ def test_iwae_bias_times_k_approaches_half_chi_square():
         assert abs(scaled_bias - chi2 / 2) <= 2 * abs(second) / k + 1e-9 * k
 
 
+@pytest.mark.false_alarm(1e-6)  # one median-of-means radius at FALSE_ALARM; the rest is exact
 def test_monte_carlo_iwae_means_match_exact_bounds():
     """The mean of many IWAE_k draws is L_k (exact, quadrature), distinct from the ELBO."""
     model, x, q = _one_dim_case()
@@ -463,7 +466,7 @@ def test_chi_square_keeps_relative_accuracy_as_q_approaches_the_posterior():
     mp = oracle.MP
     model = toyvae.LinearGaussian(torch.zeros(2, 3, dtype=torch.float64))
     x = torch.zeros(2, dtype=torch.float64)
-    rng = np.random.default_rng(5)
+    rng = seeds.rng(5)
     d_l, d_m = np.tril(rng.normal(size=(3, 3))), rng.normal(size=3)
     for e in range(1, 11):
         t = 10.0**-e
@@ -473,6 +476,11 @@ def test_chi_square_keeps_relative_accuracy_as_q_approaches_the_posterior():
         b, c = oracle.to_mp(tril), oracle.to_mp(loc)
         m = 2 * b.T * b - mp.eye(3)
         m_prime = 2 * b * b.T - mp.eye(3)
+        if min(mp.eigsy(m)[0]) <= 0:
+            # 2BᵀB − I not positive definite (a far point of a steep direction, t = 0.1): q is
+            # narrower than p(z|x) = N(0, I) along some direction and ∫ p²/q diverges.
+            assert chi2 == math.inf, (t, chi2)
+            continue
         log_moment = (
             2 * mp.log(mp.det(b)) - mp.log(mp.det(m)) / 2 + (c.T * mp.inverse(m_prime) * c)[0, 0]
         )

@@ -10,6 +10,7 @@ the corrupted argument. Never a traceback from inside torch (``RuntimeError``,
 from __future__ import annotations
 
 import pytest
+import seeds
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,11 +27,9 @@ FUNCTIONS = {
     "expected_log_likelihood": toyvae.expected_log_likelihood,
     "log_weight_moments": lambda m, x, q: toyvae.log_weight_moments(m, x, q).variance,
     "chi_square_divergence": toyvae.chi_square_divergence,
-    "log_weights": lambda m, x, q: toyvae.log_weights(
-        m, x, q, 3, generator=torch.Generator().manual_seed(0)
-    ),
+    "log_weights": lambda m, x, q: toyvae.log_weights(m, x, q, 3, generator=seeds.generator(0)),
     "iwae_estimates": lambda m, x, q: toyvae.iwae_estimates(
-        m, x, q, 2, 2, generator=torch.Generator().manual_seed(0)
+        m, x, q, 2, 2, generator=seeds.generator(0)
     ),
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import seeds
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
@@ -32,7 +33,7 @@ FALSE_ALARM = 1e-6
 
 
 def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    return seeds.generator(seed)
 
 
 class _Case:
@@ -205,6 +206,8 @@ def test_surrogate_values_are_the_log_weights():
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
+# false alarm: 19 coordinates (m, log s: 2 each; W: 10; b: 5) × a median-of-means radius at 1e-6
+@pytest.mark.false_alarm(1.9e-5)
 def test_monte_carlo_gradient_means_are_within_exact_variance_bounds(estimator):
     """The mean of 20000 draws lies within a median-of-means radius (exact variance) of ∇ELBO."""
     case = _Case(5, 2, seed=8)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import mp_oracle as oracle
 import numpy as np
 import pytest
+import seeds
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -76,7 +77,7 @@ def _spd(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _case(seed: int, d: int, dims: tuple[int, ...], kinds: tuple[str, ...]) -> Case:
-    rng = np.random.default_rng(seed)
+    rng = seeds.rng(seed)
     sizes = [d, *dims]
     weights = [rng.standard_normal((sizes[i], sizes[i + 1])) for i in range(len(dims))]
     biases = [rng.standard_normal(sizes[i]) for i in range(len(dims))]
@@ -89,7 +90,7 @@ def _case(seed: int, d: int, dims: tuple[int, ...], kinds: tuple[str, ...]) -> C
         else:
             noises.append(_spd(rng, n))
     model = HierarchicalLinearGaussian(weights, biases, noises)
-    x, _ = model.sample((3,), generator=torch.Generator().manual_seed(seed))
+    x, _ = model.sample((3,), generator=seeds.generator(seed))
     name = f"D={d} K={dims} {'/'.join(kinds)}"
     return Case(name, weights, biases, noises, model, x.numpy())
 
@@ -135,7 +136,7 @@ def _growth(model: HierarchicalLinearGaussian) -> int:
 
 def _fixed_q(model: HierarchicalLinearGaussian, seed: int, *, batch=(), ladder=True):
     """A top-down q with (optionally) batched means; ladder weights, or all-layers-above ones."""
-    rng = np.random.default_rng(seed)
+    rng = seeds.rng(seed)
     dims = model.layer_dims
     locs = [rng.standard_normal((*batch, k)) for k in dims]
     trils = [
@@ -280,7 +281,7 @@ def test_posterior_matches_reference(case):
 def test_log_joint_and_bayes_rule_match_scipy(case):
     """log p(x, z) is scipy's sum of the conditionals, and log p(x) = log p(x, z) − log p(z|x)."""
     model, x = case.model, torch.as_tensor(case.x)
-    _, z = model.sample((3,), generator=torch.Generator().manual_seed(7))
+    _, z = model.sample((3,), generator=seeds.generator(7))
     layers = [layer.numpy() for layer in model.split_latents(z)]
     children = [case.x, *layers[:-1]]
     expected = multivariate_normal(np.zeros(layers[-1].shape[-1])).logpdf(layers[-1])
@@ -313,7 +314,7 @@ def test_log_joint_and_bayes_rule_match_scipy(case):
 def test_as_linear_gaussian_has_the_same_joint_density(case):
     """The flat LinearGaussian's log p(x, z) equals the chain's sum of conditional densities."""
     model, x = case.model, torch.as_tensor(case.x)
-    _, z = model.sample((3,), generator=torch.Generator().manual_seed(8))
+    _, z = model.sample((3,), generator=seeds.generator(8))
     flat = model.as_linear_gaussian()
     assert flat.latent_dim == model.latent_dim and flat.data_dim == model.data_dim
     # Two sums of the terms of log p(x, z) in M; the flat route solves against the prior's
@@ -601,12 +602,13 @@ def test_prior_as_q_has_zero_kls():
 # -- sampling and gradients ------------------------------------------------------------------------
 
 
+@pytest.mark.false_alarm(2e-7)  # two exact χ² tests at 1e-7
 def test_samples_follow_the_joint_distribution():
     """Whitened samples of (z, x) are standard normal: χ² checks, false alarm 1e-7 each."""
     case = CASES[1]
     model = case.model
     n = 4000
-    x, z = model.sample(n, generator=torch.Generator().manual_seed(123))
+    x, z = model.sample(n, generator=seeds.generator(123))
     assert x.shape == (n, model.data_dim) and z.shape == (n, model.latent_dim)
     mean, cov = case.joint()
     draws = np.concatenate([z.numpy(), x.numpy()], -1) - mean
@@ -617,13 +619,13 @@ def test_samples_follow_the_joint_distribution():
     assert chi2.isf(1 - 0.5e-7, n * dof) <= total <= chi2.isf(0.5e-7, n * dof)
     # n‖ū‖² ~ χ²(dof) exactly: a mean offset makes it large; one-sided at 1e-7.
     assert n * float((white.mean(0) ** 2).sum()) <= chi2.isf(1e-7, dof)
-    again, _ = model.sample(n, generator=torch.Generator().manual_seed(123))
+    again, _ = model.sample(n, generator=seeds.generator(123))
     assert torch.equal(again, x)
 
 
 def test_gradcheck_on_a_tiny_model():
     """log p(x) and the per-layer ELBO have correct gradients in every parameter (gradcheck)."""
-    rng = np.random.default_rng(4)
+    rng = seeds.rng(4)
 
     def leaf(*shape, low=None):
         value = rng.uniform(0.5, 1.5, shape) if low else rng.standard_normal(shape)

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import mp_oracle as oracle
 import numpy as np
 import pytest
+import seeds
 import torch
 from scipy.linalg import solve_triangular
 from torch.distributions import Independent, MultivariateNormal, Normal
@@ -92,7 +93,7 @@ def _case(
     noise_log10_cond: float = 1.0,
     weight_singular_values: tuple[float, ...] | None = None,
 ) -> Case:
-    rng = np.random.default_rng(seed)
+    rng = seeds.rng(seed)
     if weight_singular_values is None:
         weight = rng.standard_normal((d, k))
     else:

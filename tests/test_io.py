@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import seeds
 import torch
 
 from toyvae import LinearGaussian
@@ -11,7 +12,7 @@ from toyvae.io import load, read, save
 @pytest.mark.parametrize("noise", [0.5, np.array([0.5, 1.0, 2.0]), np.diag([0.5, 1.0, 2.0])])
 def test_save_then_read_gives_the_same_model_and_data(noise, tmp_path):
     """Every noise kind round-trips exactly (float64, no pickling), with and without x."""
-    rng = np.random.default_rng(0)
+    rng = seeds.rng(0)
     model = LinearGaussian(rng.normal(size=(3, 2)), rng.normal(size=3), noise)
     x = rng.normal(size=(4, 3))
     path = save(model, tmp_path / "m.npz", x=x)

@@ -2,6 +2,7 @@
 the topic (each name re-exported from the module of its concept)."""
 
 import pytest
+import seeds
 import torch
 from torch.distributions import MultivariateNormal
 
@@ -24,7 +25,7 @@ F64 = torch.float64
 @pytest.mark.parametrize("noise", ["isotropic", "diagonal"])
 def test_fisher_identity_elbo_gradient_is_evidence_gradient_at_the_posterior(noise):
     """With q held at p_θ(z|x), ∇_θ ELBO(θ, q) = ∇_θ log p_θ(x) for W, b and Ψ (autograd)."""
-    gen = torch.Generator().manual_seed(3)
+    gen = seeds.generator(3)
     d, k, n = 5, 2, 7
     weight = torch.randn(d, k, dtype=F64, generator=gen).requires_grad_()
     bias = torch.randn(d, dtype=F64, generator=gen).requires_grad_()

@@ -6,6 +6,7 @@ import mp_oracle as oracle
 import numpy as np
 import pytest
 import scipy.stats
+import seeds
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,7 +19,7 @@ F64 = torch.float64
 
 
 def small_model(kind="diagonal", d=4, k=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeds.generator(seed)
     w = torch.randn(d, k, generator=gen, dtype=F64)
     b = torch.randn(d, generator=gen, dtype=F64)
     noise = {
@@ -164,7 +165,7 @@ def test_log_evidence_matches_scipy(data, model):
 def test_distributions_agree_with_exact_methods(kind):
     """prior · likelihood gives log_joint, and the marginal gives log_evidence."""
     model = small_model(kind)
-    gen = torch.Generator().manual_seed(1)
+    gen = seeds.generator(1)
     x, z = model.sample((6,), generator=gen)
     tol = identity_tolerance(model, x) * 10  # ‖z‖² terms are O(1) here: a tenfold margin
     joint = model.prior().log_prob(z) + model.likelihood(z).log_prob(x)
@@ -172,14 +173,15 @@ def test_distributions_agree_with_exact_methods(kind):
     assert ((model.marginal().log_prob(x) - model.log_evidence(x)).abs() <= tol).all()
 
 
+@pytest.mark.false_alarm(1e-6)  # 4 coordinate means × 5.5 s.e. (3.8e-8 each), ≤ 1e-6 as stated
 def test_sample_is_reproducible_with_a_generator():
     """The same generator seed gives the same draws; the draws have the model's moments."""
     model = small_model("full")
-    a = model.sample((3,), generator=torch.Generator().manual_seed(5))
-    b = model.sample((3,), generator=torch.Generator().manual_seed(5))
+    a = model.sample((3,), generator=seeds.generator(5))
+    b = model.sample((3,), generator=seeds.generator(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     n = 200_000
-    x, _ = model.sample((n,), generator=torch.Generator().manual_seed(6))
+    x, _ = model.sample((n,), generator=seeds.generator(6))
     cov = model.weight @ model.weight.T + model.noise_variance
     # Each coordinate mean has standard error sqrt(C_ii / n); 5.5 standard errors bound a
     # Gaussian deviation with probability 1 − 4e-8 per coordinate (≤ 1e-6 over the 4).
@@ -188,14 +190,15 @@ def test_sample_is_reproducible_with_a_generator():
 
 
 @pytest.mark.parametrize("kind", ["isotropic", "diagonal", "full"])
+@pytest.mark.false_alarm(1e-6)  # 16 entries × 5.5 s.e. (3.8e-8 each), ≤ 1e-6 as stated
 def test_sample_covariance_is_the_marginal_covariance(kind):
     """Draws of x have covariance WWᵀ + Ψ (so the noise uses L_Ψ, not L_Ψᵀ or Ψ itself)."""
     model = small_model(kind)
     if kind == "full":  # strongly correlated noise, so that L_Ψ L_Ψᵀ and L_Ψᵀ L_Ψ differ
-        a = torch.randn(4, 4, generator=torch.Generator().manual_seed(7), dtype=F64)
+        a = torch.randn(4, 4, generator=seeds.generator(7), dtype=F64)
         model = toyvae.LinearGaussian(model.weight, model.bias, a @ a.T + 0.1 * torch.eye(4))
     n = 200_000
-    x, _ = model.sample((n,), generator=torch.Generator().manual_seed(8))
+    x, _ = model.sample((n,), generator=seeds.generator(8))
     psi = model.noise_variance
     psi = psi if kind == "full" else torch.diag(psi.expand(4))
     cov = model.weight @ model.weight.T + psi
@@ -247,7 +250,7 @@ def test_posterior_scale_is_the_cholesky_factor_of_the_inverse_precision(data, m
 
 
 def _prior(k=2, seed=5):
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeds.generator(seed)
     loc = torch.randn(k, generator=gen, dtype=F64)
     tril = torch.tril(0.4 * torch.randn(k, k, generator=gen, dtype=F64), -1)
     tril = tril + torch.diag(torch.rand(k, generator=gen, dtype=F64) + 0.5)
@@ -260,7 +263,7 @@ def test_prior_gives_the_textbook_marginal_and_posterior(kind):
     base = small_model(kind)
     prior = _prior()
     model = toyvae.LinearGaussian(base.weight, base.bias, base.noise_variance, prior=prior)
-    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    x = torch.randn(5, 4, generator=seeds.generator(1), dtype=F64)
     w, b, psi = base.weight.numpy(), base.bias.numpy(), base.noise.dense().numpy()
     m0, p0 = prior.loc.numpy(), prior.covariance_matrix.numpy()
     cov = w @ p0 @ w.T + psi
@@ -283,7 +286,7 @@ def test_prior_keeps_the_identity_and_the_elbo_uses_it():
     """log p(x) = ELBO + KL with a non-standard prior; the ELBO's KL term is KL(q ‖ the prior)."""
     base = small_model("full")
     model = toyvae.LinearGaussian(base.weight, base.bias, base.noise_variance, prior=_prior())
-    x, _ = model.sample(6, generator=torch.Generator().manual_seed(2))
+    x, _ = model.sample(6, generator=seeds.generator(2))
     q = torch.distributions.Independent(
         torch.distributions.Normal(torch.zeros(6, 2, dtype=F64), torch.ones(6, 2, dtype=F64)), 1
     )
@@ -301,7 +304,7 @@ def test_log_joint_with_a_prior_is_the_sum_of_torch_densities():
     base = small_model("diagonal")
     prior = _prior()
     model = toyvae.LinearGaussian(base.weight, base.bias, base.noise_variance, prior=prior)
-    x, z = model.sample(7, generator=torch.Generator().manual_seed(3))
+    x, z = model.sample(7, generator=seeds.generator(3))
     expected = model.likelihood(z).log_prob(x) + prior.log_prob(z)
     # Both are sums of D + K terms each rounded once: 4(D + K)·eps·M.
     assert (model.log_joint(x, z) - expected).abs().max() <= identity_tolerance(model, x, z=z).min()
@@ -379,7 +382,7 @@ def test_numpy_parameters_are_copied():
 
 def test_sample_accepts_an_int_shape():
     """sample(5) works as in torch: x (5, D), z (5, K)."""
-    x, z = small_model().sample(5, generator=torch.Generator().manual_seed(0))
+    x, z = small_model().sample(5, generator=seeds.generator(0))
     assert x.shape == (5, 4) and z.shape == (5, 2)
 
 
@@ -411,7 +414,10 @@ def test_log_evidence_of_an_overflowing_x_is_minus_infinity():
     x = torch.tensor([[1.7e308] * 4, [0.0] * 4], dtype=F64)
     values = model.log_evidence(x)
     assert values[0].item() == -math.inf
-    assert torch.equal(values[1:], model.log_evidence(x[1:]))
+    # The same log p(x) of the zero row, batched with another row or alone: equal to rounding
+    # (BLAS may sum in another order for another batch shape or memory alignment).
+    alone = model.log_evidence(x[1:])
+    assert torch.all((values[1:] - alone).abs() <= identity_tolerance(model, x[1:]))
     with pytest.raises(ValueError, match="posterior mean overflows"):
         model.posterior(x)
 
@@ -424,7 +430,7 @@ def test_tiny_noise_and_huge_weights_match_a_700_digit_oracle():
     make the oracle exact for these inputs (60 would lose Ψ next to WWᵀ). 4 ulps: the result
     is a sum of a few terms of one dominant size, each correctly rounded to an ulp or two.
     """
-    gen = torch.Generator().manual_seed(3)
+    gen = seeds.generator(3)
     w = torch.randn(4, 2, generator=gen, dtype=F64)
     x = torch.randn(4, generator=gen, dtype=F64)
     digits = oracle.MP.dps
@@ -446,7 +452,7 @@ def test_elbo_gradients_are_finite_and_right_for_a_rank_deficient_weight():
 
     Both are sums of a few dozen well-scaled terms, so they agree to 1e-12 relative.
     """
-    gen = torch.Generator().manual_seed(0)
+    gen = seeds.generator(0)
     w = torch.randn(4, 4, generator=gen, dtype=F64)
     w[1] = 0.0
     w.requires_grad_(True)

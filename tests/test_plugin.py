@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import seeds
 
 pytest_plugins = ["pytester"]
 
@@ -32,7 +33,7 @@ def test_correct(toyvae_model, toyvae_data, assert_elbo):
         qz = q(x)
         z = qz.rsample()
         return (toyvae_model.log_joint(x, z) - qz.log_prob(z)).sum()
-    assert_elbo(elbo, toyvae_model, q, toyvae_data, num_draws=50)
+    assert_elbo(elbo, toyvae_model, q, toyvae_data, num_draws=50, seed=SEED)
 
 
 def test_averaged(toyvae_model, toyvae_data, assert_elbo):
@@ -41,14 +42,15 @@ def test_averaged(toyvae_model, toyvae_data, assert_elbo):
         qz = q(x)
         z = qz.rsample()
         return (toyvae_model.log_joint(x, z) - qz.log_prob(z)).mean()
-    assert_elbo(elbo, toyvae_model, q, toyvae_data, num_draws=50)
+    assert_elbo(elbo, toyvae_model, q, toyvae_data, num_draws=50, seed=SEED)
 """
 
 
+@pytest.mark.false_alarm(1e-6)  # the user's correct ELBO passes the check (false alarm 1e-6)
 def test_plugin_fixtures_and_the_one_line_check_in_a_users_suite(pytester):
     """In a fresh suite the plugin's fixtures exist (registered by the pytest11 entry point),
     a correct ELBO passes in one line, and a failing one reports its diagnosis."""
-    pytester.makepyfile(test_user=USER_TESTS)
+    pytester.makepyfile(test_user=USER_TESTS.replace("SEED", str(seeds.seed(0))))
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-q")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*diagnosis: the estimate is 1/N = 1/32 times the target*"])

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import seeds
 import torch
 from ppca_stationary import ml_and_nearest_saddle
 from sklearn.decomposition import PCA
@@ -17,7 +18,7 @@ F64 = torch.float64
 
 def test_ppca_maximum_likelihood_matches_scikit_learn():
     """σ² and WWᵀ + σ²I agree with sklearn's PCA (which divides by N − 1 instead of N)."""
-    x = data_with_spectrum([9.0, 4.0, 1.0, 0.6, 0.4], n=60, seed=1)
+    x = data_with_spectrum([9.0, 4.0, 1.0, 0.6, 0.4], n=60, seed=seeds.seed(1))
     n = x.shape[0]
     model = ppca_maximum_likelihood(x, 2)
     pca = PCA(n_components=2).fit(x.numpy())
@@ -33,7 +34,7 @@ def test_ppca_maximum_likelihood_matches_scikit_learn():
 def test_ppca_maximum_likelihood_is_the_best_stationary_point():
     """log p(x) at the ML solution is Tipping & Bishop's, above every other stationary point's."""
     eigenvalues = [9.0, 4.0, 1.0, 0.6, 0.4]
-    x = data_with_spectrum(eigenvalues, n=60, seed=1)
+    x = data_with_spectrum(eigenvalues, n=60, seed=seeds.seed(1))
     model = ppca_maximum_likelihood(x, 2)
     value = model.log_evidence(x).mean().item()
     expected, saddle = ml_and_nearest_saddle(eigenvalues, 2)
@@ -45,7 +46,7 @@ def test_ppca_maximum_likelihood_is_the_best_stationary_point():
 def test_posterior_collapse_for_eigenvalues_below_a_fixed_noise_variance():
     """With σ² fixed above λ_2, W's second column is zero and q(z₂|x) is the prior for every x."""
     eigenvalues = [9.0, 1.0, 0.8, 0.5]
-    x = data_with_spectrum(eigenvalues, n=50, seed=3)
+    x = data_with_spectrum(eigenvalues, n=50, seed=seeds.seed(3))
     model = ppca_maximum_likelihood(x, 2, noise_variance=1.5)
     norms = model.weight.norm(dim=0)
     assert norms[1].item() == 0.0  # clamp(λ₂ − σ², 0) is exactly zero

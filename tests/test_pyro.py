@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import scipy.stats
+import seeds
 import torch
 
 pyro = pytest.importorskip("pyro")
@@ -105,13 +106,21 @@ def _check(elbo_name, num_particles=1, plate=True, subsample_size=None, scale=1.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # JitTrace_ELBO's tracer warnings
         return check_pyro_elbo(
-            elbo, model, guide, VAE.x, exact_model=exact_model, q=q, scale=scale, **options
+            elbo,
+            model,
+            guide,
+            VAE.x,
+            exact_model=exact_model,
+            q=q,
+            scale=scale,
+            **{"seed": seeds.seed(0), **options},
         )
 
 
 @pytest.mark.parametrize(
     "elbo", ["Trace_ELBO", "TraceMeanField_ELBO", "TraceGraph_ELBO", "JitTrace_ELBO"]
 )
+@pytest.mark.false_alarm(1e-6)  # the checker's own false alarm
 def test_pyro_elbos_pass_on_a_correct_model_and_guide(elbo):
     """Each of Pyro's ELBOs is consistent with −ELBO summed over the plate, value and gradient
     (taken as SVI takes it, through loss_and_grads), at the checker's defaults."""
@@ -120,12 +129,14 @@ def test_pyro_elbos_pass_on_a_correct_model_and_guide(elbo):
     assert "in all 54 coordinates" in check.message  # W, b, psi, V, c, s by their store names
 
 
+@pytest.mark.false_alarm(1e-6)  # the checker's own false alarm
 def test_renyi_alpha_zero_is_pyros_iwae():
     """RenyiELBO(alpha=0, num_particles=5) with a data plate is consistent with −IWAE_5."""
     check = _check("RenyiELBO", 5, num_draws=50)
     assert check.passed, check.message
 
 
+@pytest.mark.false_alarm(2e-6)  # two passing checks at 1e-6 each
 def test_subsampled_plate_and_poutine_scale_are_handled():
     """A subsampled plate (Pyro scales by N/b) and poutine.scale(1/N), stated as scale=1/N,
     keep Trace_ELBO consistent; an undeclared scale is diagnosed as a reduction."""
@@ -143,6 +154,7 @@ def test_subsampled_plate_and_poutine_scale_are_handled():
         exact_model=exact_model,
         q=q,
         num_draws=100,
+        seed=seeds.seed(0),
     )
     assert undeclared.diagnosis[:1] == ("reduction",), undeclared.message
 
@@ -170,6 +182,7 @@ def test_renyi_with_subsampling_or_scale_is_flagged(options, rows):
     assert rows in check.message
 
 
+@pytest.mark.false_alarm(1e-6)  # the value test of the check (half its 1e-6) must pass
 def test_jit_differentiable_loss_gradient_is_twice_the_true_one():
     """JitTrace_ELBO's differentiable_loss, differentiated by autograd with respect to the
     param store's tensors, fails the gradient check (its loss_and_grads passes, above)."""
@@ -178,6 +191,7 @@ def test_jit_differentiable_loss_gradient_is_twice_the_true_one():
     assert check.gradient_passed is False, check.message
 
 
+@pytest.mark.false_alarm(1e-6)  # the checker's own false alarm
 def test_model_and_guide_from_toyvae_pieces_pass():
     """model_and_guide builds a plated Pyro model and guide from plain modules; their gradient
     is taken by autograd (Pyro's loss_and_grads reaches only parameters registered with it)."""
@@ -192,9 +206,12 @@ def test_model_and_guide_from_toyvae_pieces_pass():
         q=encoder,
         num_draws=100,
         via="differentiable_loss",
+        seed=seeds.seed(0),
     )
     assert check.passed, check.message
-    assert check.gradient_parameter.split(".")[0] in ("LinearDecoder", "encoder", "decoder"), (
+    # The worst coordinate is wherever the draws put it: a decoder parameter (named after the
+    # module whose bound method model() is) or an encoder one (named by its role, q).
+    assert check.gradient_parameter.split(".")[0] in ("LinearDecoder", "q"), (
         check.gradient_parameter
     )
 
@@ -202,6 +219,7 @@ def test_model_and_guide_from_toyvae_pieces_pass():
 @pytest.mark.parametrize(
     ("elbo", "form"), [("Trace_ELBO", "log_weight"), ("TraceMeanField_ELBO", "reconstruction")]
 )
+@pytest.mark.false_alarm(1e-6)  # one two-sided band at 1e-6
 def test_pyro_elbo_variance_is_the_exact_one(elbo, form):
     """The sample variance of Pyro's loss draws is the exact variance of its estimator: Σ Var
     log w for Trace_ELBO, Σ Var log p(x|z) for the analytic-KL TraceMeanField_ELBO, within the

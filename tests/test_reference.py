@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+import seeds
 import torch
 from scipy.linalg import solve_triangular
 from scipy.stats import multivariate_normal
@@ -79,7 +80,7 @@ def _trils(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
 
 
 def _case(seed: int, kind: str, d: int, k: int) -> Case:
-    rng = np.random.default_rng(seed)
+    rng = seeds.rng(seed)
     weight = rng.standard_normal((d, k))
     if kind == "isotropic":
         noise = float(rng.uniform(0.3, 2.0))

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import scipy.signal
+import seeds
 import torch
 
 import toyvae
@@ -27,6 +28,8 @@ OPTIONS = {"dtype": torch.float64}
 
 
 def _model():
+    # Pinned, not moved by TOYVAE_SEED_OFFSET: the HMC step sizes below are tuned to this
+    # model's posterior (see FULL_REFRESH); fresh seeds move the chains and draws only.
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(5, 2, generator=generator, **OPTIONS)
     noise = torch.rand(5, generator=generator, **OPTIONS) + 0.5
@@ -38,14 +41,12 @@ def _model():
 def _exact_draws(model, x, shape, seed):
     """Independent draws from the exact posterior, (*shape, *batch, K)."""
     exact = toyvae.interface.for_data(model, x).exact(model.check_data(x)).posterior
-    eps = torch.randn(
-        (*shape, *exact.loc.shape), generator=torch.Generator().manual_seed(seed), **OPTIONS
-    )
+    eps = torch.randn((*shape, *exact.loc.shape), generator=seeds.generator(seed), **OPTIONS)
     return exact.loc + (exact.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
 
 
 def _families():
-    generator = torch.Generator().manual_seed(4)
+    generator = seeds.generator(4)
     linear = toyvae.LinearGaussian(
         torch.randn(4, 3, generator=generator, **OPTIONS), noise_variance=0.5
     )
@@ -71,6 +72,7 @@ def _families():
 
 
 @pytest.mark.parametrize("model, x", _families())
+@pytest.mark.false_alarm(1e-6)  # the checker's false alarm
 def test_exact_posterior_draws_pass_for_every_family(model, x):
     """Independent exact posterior draws pass, for each family of the interface (FA ≤ 1e-6)."""
     draws = _exact_draws(model, x, (2, 2000), seed=1)
@@ -85,7 +87,7 @@ def test_a_sampler_that_targets_the_prior_fails():
     """Draws from the prior p(z), not p(z|x), fail by hundreds of standard errors."""
     model, x = _model()
     prior = model.prior()
-    eps = torch.randn(2, 2000, 2, generator=torch.Generator().manual_seed(2), **OPTIONS)
+    eps = torch.randn(2, 2000, 2, generator=seeds.generator(2), **OPTIONS)
     draws = prior.loc + eps @ prior.scale_tril.mT
     check = check_sampler(model, x, draws)
     assert not check.passed
@@ -113,7 +115,7 @@ def _run(kernel, num_samples=300, chains=128, seed=3):
         initial,
         num_samples,
         kernel,
-        generator=torch.Generator().manual_seed(seed),
+        generator=seeds.generator(seed),
     )
     return model, x, chain.draws.movedim(0, 1)
 
@@ -147,6 +149,7 @@ PARTIAL_REFRESH = hmc.HMCKernel(step_size=0.6, num_steps=1, persistence=0.8)
 
 
 @pytest.mark.parametrize("kernel", [FULL_REFRESH, PARTIAL_REFRESH], ids=["full", "partial"])
+@pytest.mark.false_alarm(1e-6)  # the checker's false alarm
 def test_correct_reference_hmc_passes(kernel):
     """toyvae's reference HMC, full or partial momentum refreshment, passes (FA ≤ 1e-6)."""
     model, x, draws = _run(kernel, num_samples=500 if kernel.persistence else 300)
@@ -176,16 +179,22 @@ def test_every_planted_sampler_bug_is_flagged(bug):
 def test_pyro_and_arviz_effective_sample_sizes_agree():
     """Pyro's ESS (the checker's) and ArviZ's ``ess(method="mean")`` agree within 2 %.
 
-    Both are Geyer's initial monotone sequence estimator with Stan's multi-chain variance; they
-    differ only in small normalisations (measured: 0.4 % on these AR(1) chains of length 2000).
+    Both are Geyer's initial monotone sequence estimator with Stan's multi-chain variance.
+    ArviZ's splits each chain in two halves first, so Pyro's is given the same 8 half-chains:
+    then they differ only in normalisation. ArviZ's lag-k autocovariance divides by the length
+    N, Pyro's by N − k, so Pyro's ρ_k is larger by N/(N − k) and its τ = 1 + 2Σρ_k larger by
+    about 2Σ(k/N)ρ_k = 2φ/((1 − φ)²N) = 0.04 for AR(1) with φ = 0.8 and N = 1000, against
+    τ = (1 + φ)/(1 − φ) = 9: 0.44 %, with the noise of the ρ_k over the ~30 lags summed on top
+    of that a fraction of it (0.46 % mean, 0.63 % worst over 60 seeds). Whole chains instead of
+    halves would differ by the estimators' own sampling noise, up to 7 % over those seeds.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # ArviZ's once-a-day refactor notice
         arviz = pytest.importorskip("arviz")
-    generator = torch.Generator().manual_seed(5)
+    generator = seeds.generator(5)
     noise = torch.randn(4, 2000, 3, generator=generator, **OPTIONS).numpy()
     chains = torch.from_numpy(scipy.signal.lfilter([1.0], [1.0, -0.8], noise, axis=1))  # AR(1)
-    ours = toyvae.testing.samplers.pyro_ess(chains)
+    ours = toyvae.testing.samplers.pyro_ess(chains.reshape(8, 1000, 3))  # ArviZ's halves
     theirs = torch.tensor(
         [float(arviz.ess(chains[..., i].numpy(), method="mean")) for i in range(3)], **OPTIONS
     )

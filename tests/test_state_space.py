@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import seeds
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,7 +36,7 @@ F64 = torch.float64
 
 def make_model(k=2, d=3, num_steps=5, seed=0, noise="diagonal"):
     """A float64 model with every parameter non-trivial (full Q and P₀, a bias, a mean)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeds.generator(seed)
     a = torch.randn(k, k, generator=gen, dtype=F64)
     a = 0.9 * a / torch.linalg.matrix_norm(a, 2)
     b = torch.randn(k, k, generator=gen, dtype=F64)
@@ -59,7 +60,7 @@ def make_model(k=2, d=3, num_steps=5, seed=0, noise="diagonal"):
 
 
 def data(model, batch=(3,), seed=1):
-    return model.sample(batch, generator=torch.Generator().manual_seed(seed))[0]
+    return model.sample(batch, generator=seeds.generator(seed))[0]
 
 
 def dense_noise(model):
@@ -293,7 +294,7 @@ def test_smoothed_moments_are_the_dense_posterior_blocks(num_steps):
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8, 13, 16, 33])
 def test_cyclic_reduction_matches_dense_linear_algebra(size):
     """Solve, log det and selected inverse of a repeated-block tridiagonal Λ equal dense ones."""
-    gen = torch.Generator().manual_seed(size)
+    gen = seeds.generator(size)
     k = 3
 
     def spd():
@@ -336,7 +337,7 @@ def test_interface_needs_a_bound_length():
     with pytest.raises(ValueError, match="4 steps"):
         bound.check_data(x[..., :3, :])
     assert model.prior().loc.shape == (8,)
-    z = model.sample(5, generator=torch.Generator().manual_seed(0))[1]
+    z = model.sample(5, generator=seeds.generator(0))[1]
     assert z.shape == (5, 4, 2)
     # log_joint takes the flat latents of the interface: Bayes' rule at z.
     flat = z.flatten(-2)
@@ -470,7 +471,7 @@ def test_unbound_model_works_with_the_generic_functions():
     x = data(model, batch=(3,))
     q = model.posterior(x)
     q = MultivariateNormal(q.loc + 0.1, scale_tril=1.2 * q.scale_tril)
-    noise = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
+    noise = torch.randn(2, 3, 8, generator=seeds.generator(1), dtype=F64)
     # The same parameters, bound by the hook or by hand: the same computation, bit for bit.
     for f in (toyvae.elbo, toyvae.kl_to_posterior):
         assert torch.equal(f(free, x, q), f(model, x, q))
@@ -502,7 +503,7 @@ def test_generic_functions_take_a_markov_q():
     assert isinstance(q, toyvae.StructuredGaussian)
     assert torch.equal(toyvae.elbo(model, x, q), markov_elbo(model, x, q))
     assert torch.equal(toyvae.kl_to_posterior(model, x, q), markov_kl_to_posterior(model, x, q))
-    noise = torch.randn(3, 2, 10, generator=torch.Generator().manual_seed(2), dtype=F64)
+    noise = torch.randn(3, 2, 10, generator=seeds.generator(2), dtype=F64)
     dense = q.to_multivariate_normal()
     # The estimators read the structured q through its dense form: identical draws.
     assert torch.equal(

@@ -13,6 +13,7 @@ import math
 import pytest
 import scipy.integrate
 import scipy.stats
+import seeds
 import torch
 
 import toyvae
@@ -42,7 +43,8 @@ def _vae(exact_encoder: bool = False) -> LinearVAE:
 
 @functools.cache
 def _check(estimator, options: tuple = (), exact_encoder: bool = False) -> ELBOCheck:
-    return check_elbo_estimator(estimator, _vae(exact_encoder), **dict(options))
+    # Every check draws from the same test seed (a planted bug and its twin share the draws).
+    return check_elbo_estimator(estimator, _vae(exact_encoder), seed=seeds.seed(0), **dict(options))
 
 
 def _options(bug: bugs.PlantedBug) -> tuple:
@@ -145,7 +147,7 @@ def test_default_encoder_is_far_from_the_posterior():
 def test_modules_define_the_exact_model():
     """decoder(z).log_prob(x) + log N(z; 0, I) is model.log_joint(x, z); encoder(x) is encode(x)."""
     encoder, decoder, x = _vae()
-    generator = torch.Generator().manual_seed(1)
+    generator = seeds.generator(1)
     z = torch.randn(x.shape[0], 3, generator=generator, dtype=x.dtype)
     with torch.no_grad():
         by_modules = decoder(z).log_prob(x) - 0.5 * (z.square().sum(-1) + 3 * math.log(2 * math.pi))
@@ -205,6 +207,7 @@ def test_linear_vae_rejects_bad_sizes():
 
 
 @pytest.mark.parametrize("estimator", CORRECT, ids=lambda f: f.__name__)
+@pytest.mark.false_alarm(1e-6)  # the checker's false alarm
 def test_correct_estimators_pass(estimator):
     """Each correct estimator of the catalog passes the check, value and gradient, at defaults."""
     options = next(_options(bug) for bug in bugs.CATALOG if bug.correct is estimator)
@@ -289,6 +292,7 @@ def test_no_reparameterisation_has_the_right_value_and_a_wrong_encoder_gradient(
     [(bugs.elbo_analytic_kl, False), (bugs.elbo_by_hand, True)],
     ids=["analytic_kl", "log_weight"],
 )
+@pytest.mark.false_alarm(2e-6)  # two two-sided bands at 1e-6
 def test_correct_estimator_mean_and_standard_error_match_exact_moments(estimator, full_log_weight):
     """The reported mean is within the exact-variance band of the ELBO; the SE is the exact one."""
     check = _check(estimator)
@@ -307,6 +311,8 @@ def test_correct_estimator_mean_and_standard_error_match_exact_moments(estimator
     assert abs(sample_variance - kappa2) <= band, (sample_variance, kappa2, band)
 
 
+# false alarm: the 1e-6 band below log p(x), and the gaps measured in standard errors
+@pytest.mark.false_alarm(2e-6)
 def test_iwae_reference_lies_between_the_exact_bounds():
     """ELBO ≤ reference L_5 ≤ log p(x), and the default VAE keeps all three far apart."""
     check = _check(bugs.iwae, (("k", bugs.IWAE_K),))
@@ -330,6 +336,7 @@ def test_iwae_reference_lies_between_the_exact_bounds():
     assert log_evidence - check.exact > needed
 
 
+@pytest.mark.false_alarm(2e-6)  # two passing checks at 1e-6
 def test_exact_encoder_makes_estimates_exact_and_hides_the_mean_of_log_weights():
     """With q = p(z|x) every log weight is log p(x): a correct ELBO has zero variance, and
     mean-of-log-weights cannot be told from IWAE (why the default encoder is not the posterior)."""
@@ -338,7 +345,7 @@ def test_exact_encoder_makes_estimates_exact_and_hides_the_mean_of_log_weights()
     # Zero variance up to rounding: a few ulps of |log p(x)| ≈ 300 per draw.
     assert correct.standard_error <= 64 * EPS64 * abs(correct.exact)
     hidden = check_elbo_estimator(
-        bugs.iwae_mean_of_log_weights, _vae(True), k=bugs.IWAE_K, num_draws=20
+        bugs.iwae_mean_of_log_weights, _vae(True), k=bugs.IWAE_K, num_draws=20, seed=seeds.seed(0)
     )
     assert hidden.passed, hidden.message
 
@@ -367,6 +374,7 @@ def _log_cosh_moments(a: float) -> tuple[float, float, float]:
     return m1, variance, central4 - 3 * variance**2
 
 
+@pytest.mark.false_alarm(2e-6)  # two two-sided bands at 1e-6
 def test_iwae_reference_standard_error_is_its_exact_monte_carlo_error():
     """For k = 2 the reference's reported standard error matches the exact one of its gap draws.
 
@@ -385,7 +393,12 @@ def test_iwae_reference_standard_error_is_its_exact_monte_carlo_error():
 
     num_draws = 200
     check = check_elbo_estimator(
-        functools.partial(bugs.iwae, k=2), vae, k=2, num_draws=num_draws, check_gradient=False
+        functools.partial(bugs.iwae, k=2),
+        vae,
+        k=2,
+        num_draws=num_draws,
+        check_gradient=False,
+        seed=seeds.seed(0),
     )
     # The reference is the ELBO plus the mean of 16·num_draws gap draws, in 64 batches whose
     # means give the standard error: exact SE² = Var(gap)/(16·num_draws).
@@ -404,6 +417,7 @@ def test_iwae_reference_standard_error_is_its_exact_monte_carlo_error():
     assert low <= ratio <= high, (ratio, low, high)
 
 
+@pytest.mark.false_alarm(1e-6)  # the base check must pass
 def test_rounding_allowance_has_the_documented_size():
     """A zero-variance estimator passes, and fails once offset by 100 rounding allowances.
 
@@ -424,7 +438,7 @@ def test_rounding_allowance_has_the_documented_size():
     def offset_elbo(x, encoder, decoder, generator):
         return bugs.elbo_by_hand(x, encoder, decoder, generator) + offset
 
-    shifted = check_elbo_estimator(offset_elbo, vae)
+    shifted = check_elbo_estimator(offset_elbo, vae, seed=seeds.seed(0))  # base's draws
     assert not shifted.passed, shifted.message
     assert shifted.direction == "too high"
     # Same seed, same draws: the numerator is base.difference + offset, up to the rounding of
@@ -476,6 +490,7 @@ def test_thresholds_are_student_t_quantiles_of_the_false_alarm_split(
 # -- the report and the assert-style variant -----------------------------------------------------
 
 
+@pytest.mark.false_alarm(1e-6)  # the correct check must pass
 def test_report_names_amount_direction_and_verdict():
     """str(check) says passed/FAILED, the offset in nats, its side and z; passing says so too."""
     good, bad = _check(bugs.elbo_analytic_kl), _check(bugs.kl_wrong_sign)
@@ -487,12 +502,13 @@ def test_report_names_amount_direction_and_verdict():
     assert bad.message.splitlines()[1].endswith("too high")
 
 
+@pytest.mark.false_alarm(1e-6)  # the correct check must pass
 def test_assert_variant_raises_with_the_report():
     """assert_elbo_estimator returns the check if it passes, else raises AssertionError."""
-    check = assert_elbo_estimator(bugs.elbo_analytic_kl, _vae(), num_draws=20)
+    check = assert_elbo_estimator(bugs.elbo_analytic_kl, _vae(), num_draws=20, seed=seeds.seed(0))
     assert check.passed
     with pytest.raises(AssertionError, match="nats above the exact ELBO"):
-        assert_elbo_estimator(bugs.kl_wrong_sign, _vae(), num_draws=20)
+        assert_elbo_estimator(bugs.kl_wrong_sign, _vae(), num_draws=20, seed=seeds.seed(0))
 
 
 def test_non_finite_estimates_fail():
@@ -501,12 +517,13 @@ def test_non_finite_estimates_fail():
     def broken(x, encoder, decoder, generator):
         return bugs.elbo_analytic_kl(x, encoder, decoder, generator) * float("nan")
 
-    check = check_elbo_estimator(broken, _vae(), num_draws=10)
+    check = check_elbo_estimator(broken, _vae(), num_draws=10, seed=seeds.seed(0))
     assert not check.passed
     assert check.direction == "not finite"
     assert "NOT FINITE in 10 of 10 draws" in check.message
 
 
+@pytest.mark.false_alarm(2e-6)  # two passing checks at 1e-6
 def test_reduction_none_and_float32():
     """A per-row estimator passes with reduction='none', and a float32 VAE works the same way."""
 
@@ -518,10 +535,12 @@ def test_reduction_none_and_float32():
         q, prior = encoder(x), torch.distributions.Normal(torch.zeros_like(z), 1.0)
         return decoder(z).log_prob(x) + prior.log_prob(z).sum(-1) - q.log_prob(z)
 
-    check = check_elbo_estimator(per_row, _vae(), reduction="none", num_draws=50)
+    check = check_elbo_estimator(
+        per_row, _vae(), reduction="none", num_draws=50, seed=seeds.seed(0)
+    )
     assert check.passed, check.message
     check32 = check_elbo_estimator(
-        bugs.elbo_analytic_kl, linear_vae(dtype=torch.float32), num_draws=50
+        bugs.elbo_analytic_kl, linear_vae(dtype=torch.float32), num_draws=50, seed=seeds.seed(0)
     )
     assert check32.passed, check32.message
 
@@ -529,9 +548,13 @@ def test_reduction_none_and_float32():
 def test_check_leaves_the_global_generator_alone():
     """The checker seeds torch's global RNG for estimators that use it, then restores it."""
     state = torch.get_rng_state()
-    first = check_elbo_estimator(bugs.no_reparameterisation, _vae(), num_draws=10)
+    first = check_elbo_estimator(
+        bugs.no_reparameterisation, _vae(), num_draws=10, seed=seeds.seed(0)
+    )
     assert torch.equal(torch.get_rng_state(), state)
-    second = check_elbo_estimator(bugs.no_reparameterisation, _vae(), num_draws=10)
+    second = check_elbo_estimator(
+        bugs.no_reparameterisation, _vae(), num_draws=10, seed=seeds.seed(0)
+    )
     assert first.mean == second.mean  # q.sample() drew the same numbers: reproducible
 
 
@@ -579,6 +602,7 @@ def test_planted_bug_is_diagnosed(bug):
 
 
 @pytest.mark.parametrize("estimator", CORRECT, ids=lambda f: f.__name__)
+@pytest.mark.false_alarm(1e-6)  # the checker's false alarm
 def test_correct_estimators_get_no_diagnosis(estimator):
     """A passing check carries no diagnosis (explanations are sought only for failures)."""
     options = next(_options(bug) for bug in bugs.CATALOG if bug.correct is estimator)
@@ -649,6 +673,7 @@ def _own_loss(enc, dec, full):
     return loss
 
 
+@pytest.mark.false_alarm(1e-6)  # the correct loss must pass
 def test_own_modules_with_a_frozen_variance_are_checked_by_autograd_through_the_closed_form():
     """A user's own modules, their own (loc, scale) parameterisation and a frozen decoder
     variance: the correct loss passes, gaussian_nll_loss's default is diagnosed, the frozen
@@ -662,12 +687,12 @@ def test_own_modules_with_a_frozen_variance_are_checked_by_autograd_through_the_
     def q(x):
         return torch.distributions.Independent(torch.distributions.Normal(*enc(x)), 1)
 
-    good = check_elbo(_own_loss(enc, dec, True), model, q, x, loss=True)
+    good = check_elbo(_own_loss(enc, dec, True), model, q, x, loss=True, seed=seeds.seed(0))
     assert good.passed, good.message
     assert good.frozen == ("dec.log_var",)
     count = sum(p.numel() for p in enc.parameters()) + 6 * 3 + 6
     assert f"in all {count} coordinates" in good.message, good.message
-    bad = check_elbo(_own_loss(enc, dec, False), model, q, x, loss=True)
+    bad = check_elbo(_own_loss(enc, dec, False), model, q, x, loss=True, seed=seeds.seed(0))
     assert not bad.passed
     assert bad.diagnosis == ("dropped_log_2pi",), bad.message
 
@@ -683,7 +708,9 @@ def test_parameter_used_by_the_estimate_but_not_by_the_model_is_named():
     def q(x):
         return torch.distributions.Independent(torch.distributions.Normal(*enc(x)), 1)
 
-    check = check_elbo(_own_loss(enc, dec, True), model, q, x, loss=True, num_draws=50)
+    check = check_elbo(
+        _own_loss(enc, dec, True), model, q, x, loss=True, num_draws=50, seed=seeds.seed(0)
+    )
     assert not check.passed, check.message
     assert "parameter_not_in_model" in check.diagnosis, check.message
     assert "neither model() nor q(x) depends on dec.log_var" in check.message
@@ -716,7 +743,7 @@ def test_check_elbo_bad_arguments_name_the_argument(arguments, error, pattern):
 
 
 def _ssm_case():
-    generator = torch.Generator().manual_seed(3)
+    generator = seeds.generator(3)
     options = {"dtype": torch.float64, "generator": generator}
     k, d, t, n = 2, 3, 4, 8
     transition = torch.nn.Parameter(0.6 * torch.eye(k, dtype=torch.float64))
@@ -753,6 +780,7 @@ def _per_step_elbo(transition, emission, log_noise, loc, log_scale, dropped=Fals
     return estimate
 
 
+@pytest.mark.false_alarm(2e-6)  # the correct ELBO passes (1e-6), the true explanation fits
 def test_per_time_step_elbo_of_a_state_space_model_is_checked():
     """A user's per-step ELBO for a linear-Gaussian SSM passes; dropping ½ log 2π from each
     emission is diagnosed as N·D·½ log 2π with D = T·D_step (the numbers per sequence)."""
@@ -765,17 +793,26 @@ def test_per_time_step_elbo_of_a_state_space_model_is_checked():
         return torch.distributions.Independent(torch.distributions.Normal(loc, log_scale.exp()), 1)
 
     parts = (transition, emission, log_noise, loc, log_scale)
-    good = check_elbo(_per_step_elbo(*parts), model, q, x, num_draws=100)
+    good = check_elbo(_per_step_elbo(*parts), model, q, x, num_draws=100, seed=seeds.seed(0))
     assert good.passed, good.message
-    bad = check_elbo(_per_step_elbo(*parts, dropped=True), model, q, x, num_draws=100)
-    assert bad.diagnosis == ("dropped_log_2pi",), bad.message
+    # 200 draws: the bias, N·D·½ log 2π = 88 nats, is 14 standard errors (6.4 nats), so the
+    # check fails except with probability Φ(5.38 − 14) ≈ 1e-17. The true explanation fits within
+    # the check's threshold except with its false alarm; others, predicted 13 to 50 nats away
+    # (2 to 8 standard errors), may fit too, and may even fit better, so only membership is
+    # asserted (at 100 draws, the exact tuple failed for 1 in 10 seeds).
+    bad = check_elbo(
+        _per_step_elbo(*parts, dropped=True), model, q, x, num_draws=200, seed=seeds.seed(0)
+    )
+    assert not bad.passed, bad.message
+    assert "dropped_log_2pi" in bad.diagnosis, bad.message
     assert "D = 12 data dimensions" in bad.message
 
 
+@pytest.mark.false_alarm(1e-6)  # the correct ELBO must pass
 def test_per_layer_elbo_of_a_hierarchical_model_is_checked():
     """A user's per-layer ELBO (log p(z₂) + log p(z₁|z₂) + log p(x|z₁) − log q) for a two-layer
     hierarchy passes; the same with log p(x|z₁) averaged over the data dimensions is diagnosed."""
-    generator = torch.Generator().manual_seed(4)
+    generator = seeds.generator(4)
     options = {"dtype": torch.float64, "generator": generator}
     w0 = torch.nn.Parameter(torch.randn(5, 3, **options))
     w1 = torch.nn.Parameter(torch.randn(3, 2, **options))
@@ -801,9 +838,11 @@ def test_per_layer_elbo_of_a_hierarchical_model_is_checked():
     def model():
         return toyvae.HierarchicalLinearGaussian([w0, w1], None, [0.4, 0.8])
 
-    good = check_elbo(estimate, model, q, x, num_draws=100)
+    good = check_elbo(estimate, model, q, x, num_draws=100, seed=seeds.seed(0))
     assert good.passed, good.message
-    bad = check_elbo(lambda x: estimate(x, averaged=True), model, q, x, num_draws=100)
+    bad = check_elbo(
+        lambda x: estimate(x, averaged=True), model, q, x, num_draws=100, seed=seeds.seed(0)
+    )
     assert bad.diagnosis == ("reconstruction_averaged_over_data",), bad.message
 
 
@@ -839,6 +878,7 @@ def test_reconstruction_variance_matches_the_direct_linear_gaussian_formula():
     )
 
 
+@pytest.mark.false_alarm(1e-6)  # one band at 1e-6
 def test_analytic_kl_estimator_has_the_reconstruction_variance():
     """The sample variance of the analytic-KL estimator's draws is Σ_rows Var log p(x|z), within
     the exact 1e-6 band √(κ₄/n + 2σ⁴/(n − 1))·z; and here it is the larger of the two forms."""

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import seeds
 import torch
 from torch.distributions import MultivariateNormal
 
@@ -13,7 +14,7 @@ KINDS = ["isotropic", "diagonal", "full"]
 
 
 def parameters(kind, d=4, k=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeds.generator(seed)
     w = torch.randn(d, k, generator=gen, dtype=F64)
     b = torch.randn(d, generator=gen, dtype=F64)
     if kind == "isotropic":
