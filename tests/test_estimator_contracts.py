@@ -35,6 +35,8 @@ from toyvae.estimators import (
     iwae_estimate,
     iwae_estimates,
     iwae_first_order_bias,
+    log_weight_cumulants,
+    log_weight_moments,
     log_weights,
     log_weights_at,
 )
@@ -334,33 +336,77 @@ def test_iwae_first_order_bias_is_chi_square_over_2k(k):
 # -- dtypes -----------------------------------------------------------------------------------
 
 
+def _dtype_results(model, x, q, noise):
+    """Every exact statistic and log weight of one (model, x, q), flattened into a dict."""
+    out = {
+        "chi_square": chi_square_divergence(model, x, q),
+        "log_weights_at": log_weights_at(model, x, q, noise),
+        "log_weight_moments": log_weight_moments(model, x, q),
+        "log_weight_cumulants": log_weight_cumulants(model, x, q),
+    }
+    for estimator in ("reparameterization", "path_derivative"):
+        moments = closed_form_gradient_moments(model, x, q, estimator=estimator)
+        out[f"closed form {estimator}"] = moments.mean + moments.variance
+    flat = {}
+    for name, value in out.items():
+        values = value if isinstance(value, tuple) else (value,)
+        for i, v in enumerate(values):
+            flat[f"{name}[{i}]"] = v
+    return flat
+
+
 def test_float32_inputs_give_float32_results_under_a_float64_default_dtype():
     """A user who sets torch's default dtype to float64 still gets the model's dtype back.
 
     The values are compared with float64 on the same (float32-representable) numbers: float32's
     unit roundoff is 6e-8, and these K = 2 computations (a few dozen operations, condition
-    number < 20) stay within ~1e-5 relative; 1e-4 leaves a margin.
+    number < 20, on entries and log weights of size ≲ 30) stay within ~1e-5 relative or
+    absolute; 1e-4 leaves a margin.
     """
     _, _, q = _model_and_q()
     weight, bias, noise, x = (t.float() for t in _parameters())
     q32 = MultivariateNormal(q.loc.float(), scale_tril=q.scale_tril.float())
+    eps = torch.tensor([[0.5, -1.25], [2.0, 0.375]], dtype=torch.float32)
     model32 = toyvae.LinearGaussian(weight, bias, noise)
     model64 = toyvae.LinearGaussian(weight.double(), bias.double(), noise.double())
     q64 = MultivariateNormal(q32.loc.double(), scale_tril=q32.scale_tril.double())
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        chi = chi_square_divergence(model32, x, q32)
-        moments = closed_form_gradient_moments(model32, x, q32, estimator="path_derivative")
-        reparam = closed_form_gradient_moments(model32, x, q32)
+        got = _dtype_results(model32, x, q32, eps)
     finally:
         torch.set_default_dtype(previous)
-    assert chi.dtype == torch.float32
-    want = chi_square_divergence(model64, x.double(), q64)
-    torch.testing.assert_close(chi.double(), want, rtol=1e-4, atol=0)
-    for got, estimator in ((moments, "path_derivative"), (reparam, "reparameterization")):
-        want = closed_form_gradient_moments(model64, x.double(), q64, estimator=estimator)
-        for g, w in zip(got.mean + got.variance, want.mean + want.variance, strict=True):
-            assert g.dtype == torch.float32
-            # Entries are O(1) (Λ and L are O(1) here): an absolute 1e-4 is the same margin.
-            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+    want = _dtype_results(model64, x.double(), q64, eps.double())
+    assert got.keys() == want.keys()
+    for name, value in got.items():
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value.double(), want[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+# -- batch shapes -------------------------------------------------------------------------------
+
+
+def test_a_batch_of_q_with_one_x_sets_the_batch_shape():
+    """x of shape (D,) and q of batch (3,), each q its own scale: every result has the batch
+    (3,), and each element's exact statistics are those of its own q alone (to rounding:
+    the same operations on the same numbers, 1e-12 relative)."""
+    weight, bias, noise, x = _parameters()
+    model = toyvae.LinearGaussian(weight, bias, noise)
+    post = model.posterior(x)
+    scales = torch.tensor([0.8, 1.0, 1.6], dtype=DT).reshape(3, 1, 1)
+    loc = post.loc + torch.tensor([[0.3, -0.2], [0.0, 0.0], [-0.4, 0.5]], dtype=DT)
+    tril = scales * post.scale_tril
+    q = MultivariateNormal(loc, scale_tril=tril)
+    assert log_weights(model, x, q, 5, generator=seeds.generator(2)).shape == (5, 3)
+    assert iwae_estimates(model, x, q, 4, 2, generator=seeds.generator(2)).shape == (2, 3)
+    assert iwae_estimate(model, x, q, 4, generator=seeds.generator(2)).shape == (3,)
+    batched = (*log_weight_cumulants(model, x, q), *log_weight_moments(model, x, q))
+    batched = (*batched, chi_square_divergence(model, x, q))
+    for value in batched:
+        assert value.shape == (3,)
+    for b in range(3):
+        one = MultivariateNormal(loc[b], scale_tril=tril[b])
+        alone = (*log_weight_cumulants(model, x, one), *log_weight_moments(model, x, one))
+        alone = (*alone, chi_square_divergence(model, x, one))
+        for got, want in zip(batched, alone, strict=True):
+            torch.testing.assert_close(got[b], want, rtol=1e-12, atol=0)
