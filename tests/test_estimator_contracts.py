@@ -410,3 +410,26 @@ def test_a_batch_of_q_with_one_x_sets_the_batch_shape():
         alone = (*alone, chi_square_divergence(model, x, one))
         for got, want in zip(batched, alone, strict=True):
             torch.testing.assert_close(got[b], want, rtol=1e-12, atol=0)
+
+
+def test_a_batch_of_x_with_one_q_sets_the_batch_shape():
+    """x of batch (3,) and one q: every result has the batch (3,), and each element's exact
+    statistics are those of its own x alone (same operations, 1e-12 relative); κ₂ and κ₄
+    are broadcast to the batch even though, for one q, only the offset c varies with x."""
+    weight, bias, noise, _ = _parameters()
+    model = toyvae.LinearGaussian(weight, bias, noise)
+    xs = torch.randn(3, D, generator=seeds.generator(13), dtype=DT)
+    post = model.posterior(xs)
+    q = MultivariateNormal(post.loc.mean(0), scale_tril=1.3 * post.scale_tril[0])
+    assert q.batch_shape == ()
+    assert log_weights(model, xs, q, 5, generator=seeds.generator(2)).shape == (5, 3)
+    assert iwae_estimates(model, xs, q, 4, 2, generator=seeds.generator(2)).shape == (2, 3)
+    batched = (*log_weight_cumulants(model, xs, q), *log_weight_moments(model, xs, q))
+    batched = (*batched, chi_square_divergence(model, xs, q))
+    for value in batched:
+        assert value.shape == (3,)
+    for b in range(3):
+        alone = (*log_weight_cumulants(model, xs[b], q), *log_weight_moments(model, xs[b], q))
+        alone = (*alone, chi_square_divergence(model, xs[b], q))
+        for got, want in zip(batched, alone, strict=True):
+            torch.testing.assert_close(got[b], want, rtol=1e-12, atol=0)
