@@ -99,3 +99,11 @@ def test_gaussian_kl_broadcasts_batch_shapes(case):
     # Cholesky route and NumPy's inverse/slogdet agree to a few ulps of O(1) (~1e-15);
     # 1e-12 leaves a wide margin.
     np.testing.assert_allclose(kl.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_a_size_mismatch_between_q_and_p_names_q_not_a_model():
+    """gaussian_kl has no model: p's event size is compared with q's, and the message says so."""
+    q = MultivariateNormal(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    p = MultivariateNormal(torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^p must have event shape \(2,\) to match q's event"):
+        toyvae.gaussian_kl(q, p)

@@ -52,13 +52,16 @@ def standard_normal(dim: int, dtype: torch.dtype, device=None) -> Gaussian:
     return Gaussian(torch.zeros_like(eye[0]), eye)
 
 
-def as_gaussian(q, name: str = "q", *, dim: int | None = None) -> Gaussian:
+def as_gaussian(
+    q, name: str = "q", *, dim: int | None = None, against: str = "the model's latent dimension"
+) -> Gaussian:
     """Read a torch Gaussian into canonical form, validating it.
 
     Accepts a ``MultivariateNormal``, an ``Independent(Normal, 1)``, or a structured q with a
     ``to_multivariate_normal()`` method (:class:`toyvae.StructuredGaussian`); ``dim`` is the
-    expected event size. Raises ``TypeError`` for other objects and ``ValueError`` for a wrong event
-    shape, a non-finite mean or a non-positive scale.
+    expected event size, and ``against`` names what it comes from in the error message. Raises
+    ``TypeError`` for other objects and ``ValueError`` for a wrong event shape, a non-finite mean
+    or a non-positive scale.
     """
     if not isinstance(q, torch.distributions.Distribution) and hasattr(q, "to_multivariate_normal"):
         q = q.to_multivariate_normal()  # a structured q (toyvae.StructuredGaussian): dense form
@@ -81,7 +84,7 @@ def as_gaussian(q, name: str = "q", *, dim: int | None = None) -> Gaussian:
         raise ValueError(f"{name} must have an event shape (K,), got a scalar distribution")
     if dim is not None and loc.shape[-1] != dim:
         raise ValueError(
-            f"{name} must have event shape ({dim},) to match the model's latent dimension, "
+            f"{name} must have event shape ({dim},) to match {against}, "
             f"got event shape {tuple(loc.shape[-1:])}"
         )
     check_finite(loc, f"{name}'s mean")
@@ -189,7 +192,7 @@ def gaussian_kl(q, p) -> torch.Tensor:
     ``MultivariateNormal`` or ``Independent(Normal, 1)``; batch shapes broadcast.
     """
     gq = as_gaussian(q, "q")
-    gp = as_gaussian(p, "p", dim=gq.dim)
+    gp = as_gaussian(p, "p", dim=gq.dim, against="q's event shape")
     broadcast_batch(q=gq.loc.shape[:-1], p=gp.loc.shape[:-1])
     return _kl(gq, gp)
 
