@@ -5,13 +5,15 @@ r"""The mutation score of the mathematical modules, from a mutmut run and its tr
                                              [--out docs/data/mutation-score.md]
 
 RESULTS are the outputs of ``mutmut results --all true`` (one line per mutant,
-``name: status``). A later file's status for the same mutant wins, so a rerun of the survivors
-after new tests were added can follow the first run. The triage file has one line per survivor
-that is equivalent to the original program, ``name<TAB>equivalent<TAB>reason``; other lines
-(``killed``) are ignored here, since a kill must show up as a status in RESULTS.
+``name: status``); a later file's status for the same mutant wins. The triage file has one line
+per survivor: ``name<TAB>equivalent<TAB>reason`` for a mutant that computes what the original
+computes, or ``name<TAB>killed<TAB>test`` for one that a test added after the run kills (checked
+by running that test with the mutant active: ``MUTANT_UNDER_TEST=name pytest test`` in the
+run's ``mutants/`` folder must fail). A fresh run of scripts/mutation_score.sh counts those as
+killed by itself.
 
-score = killed / (mutants − equivalent), where "killed" includes timeouts and "mutants" counts
-every mutant mutmut generated, survivors and mutants no test reaches included.
+score = killed / (mutants − equivalent) over the mutants the run checked, where "killed"
+includes timeouts and the later kills; mutants the run did not reach are counted apart.
 """
 
 from __future__ import annotations
@@ -34,15 +36,16 @@ def read_results(paths: list[Path]) -> dict[str, str]:
     return statuses
 
 
-def read_equivalent(path: Path | None) -> dict[str, str]:
+def read_triage(path: Path | None) -> dict[str, dict[str, str]]:
+    """{"equivalent": {name: reason}, "killed": {name: test}} from the triage file."""
+    triage: dict[str, dict[str, str]] = {"equivalent": {}, "killed": {}}
     if path is None or not path.exists():
-        return {}
-    equivalent = {}
+        return triage
     for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.split("\t")
-        if len(parts) >= 3 and parts[1].strip() == "equivalent":
-            equivalent[parts[0].strip()] = parts[2].strip()
-    return equivalent
+        if len(parts) >= 3 and parts[1].strip() in triage:
+            triage[parts[1].strip()][parts[0].strip()] = parts[2].strip()
+    return triage
 
 
 def module_of(name: str) -> str:
@@ -55,8 +58,9 @@ def function_of(name: str) -> str:
     return local.strip("ǁ_").replace("ǁ", ".") if "ǁ" in local else local.lstrip("_")
 
 
-def summarise(statuses: dict[str, str], equivalent: dict[str, str]) -> str:
-    unknown = sorted(set(equivalent) - set(statuses))
+def summarise(statuses: dict[str, str], triage: dict[str, dict[str, str]], commit: str = "") -> str:
+    equivalent, killed_later = triage["equivalent"], triage["killed"]
+    unknown = sorted((set(equivalent) | set(killed_later)) - set(statuses))
     if unknown:
         raise SystemExit(f"triage names mutants the results do not have: {unknown[:3]} …")
     per_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -66,6 +70,9 @@ def summarise(statuses: dict[str, str], equivalent: dict[str, str]) -> str:
         counts["mutants"] += 1
         if status in KILLED:
             counts["killed"] += 1
+        elif status != "not checked" and name in killed_later:
+            counts["killed"] += 1
+            counts["later"] += 1
         elif name in equivalent:
             counts["equivalent"] += 1
         elif status == "not checked":
@@ -76,28 +83,30 @@ def summarise(statuses: dict[str, str], equivalent: dict[str, str]) -> str:
     total = sum(per_module.values(), collections.Counter())
 
     def score(c: collections.Counter) -> str:
-        denominator = c["mutants"] - c["equivalent"]
+        denominator = c["mutants"] - c["not checked"] - c["equivalent"]
         return f"{100 * c['killed'] / denominator:.1f}%" if denominator else "–"
 
     lines = [
-        f"Measured {datetime.date.today().isoformat()} with mutmut "
-        f"(`bash scripts/mutation_score.sh`).",
+        f"Measured {datetime.date.today().isoformat()} with mutmut"
+        + (f" on commit {commit}" if commit else "")
+        + " (`bash scripts/mutation_score.sh`).",
         "",
-        "| module | mutants | killed | equivalent | survived | not checked | score |",
+        "| module | mutants | not checked | killed (by new tests) | equivalent | survived "
+        "| score |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for module in [*sorted(per_module), "all"]:
         c = total if module == "all" else per_module[module]
         label = "**all**" if module == "all" else f"`{module}`"
         lines.append(
-            f"| {label} | {c['mutants']} | {c['killed']} | {c['equivalent']} | "
-            f"{c['survived']} | {c['not checked']} | {score(c)} |"
+            f"| {label} | {c['mutants']} | {c['not checked']} | {c['killed']} ({c['later']}) | "
+            f"{c['equivalent']} | {c['survived']} | {score(c)} |"
         )
     lines += ["", "Equivalent mutants (the program's behaviour does not change):", ""]
     lines += ["| mutant | reason |", "|---|---|"]
     for name in sorted(equivalent):
         lines.append(f"| `{function_of(name)}` ({name.rsplit('_', 1)[1]}) | {equivalent[name]} |")
-    lines += ["", "Survivors not yet killed or classified:", ""]
+    lines += ["", "Survivors neither killed nor shown equivalent:", ""]
     if open_survivors:
         per_function = collections.Counter(
             (module_of(n), function_of(n), s) for n, s in open_survivors
@@ -115,8 +124,9 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--triage", type=Path, default=Path("docs/data/mutation-triage.tsv"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--commit", default="", help="the commit the run mutated")
     args = parser.parse_args()
-    text = summarise(read_results(args.results), read_equivalent(args.triage))
+    text = summarise(read_results(args.results), read_triage(args.triage), args.commit)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")

@@ -16,5 +16,6 @@ git -C "$root" worktree add --detach "$dir" HEAD
 cd "$dir"
 mutmut run --max-children "${JOBS:-2}"
 mutmut results --all true > results.txt
-python scripts/mutation_score.py results.txt --triage "$root/docs/data/mutation-triage.tsv"
+python scripts/mutation_score.py results.txt --triage "$root/docs/data/mutation-triage.tsv" \
+    --commit "$(git rev-parse --short HEAD)"
 echo "mutation_score: results in $dir/results.txt (remove with: git worktree remove --force $dir)"
