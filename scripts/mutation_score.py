@@ -55,7 +55,9 @@ def module_of(name: str) -> str:
 def function_of(name: str) -> str:
     """``toyvae.model.xǁLinearGaussianǁ__repr____mutmut_1`` → ``LinearGaussian.__repr__``."""
     local = name.split(".x", 1)[1].rsplit("__mutmut_", 1)[0]
-    return local.strip("ǁ_").replace("ǁ", ".") if "ǁ" in local else local.lstrip("_")
+    if "ǁ" in local:  # "ǁClassǁmethod"
+        return ".".join(part for part in local.split("ǁ") if part)
+    return local[1:]  # "_function": mutmut's prefix is "x_"
 
 
 def summarise(statuses: dict[str, str], triage: dict[str, dict[str, str]], commit: str = "") -> str:
@@ -105,7 +107,8 @@ def summarise(statuses: dict[str, str], triage: dict[str, dict[str, str]], commi
     lines += ["", "Equivalent mutants (the program's behaviour does not change):", ""]
     lines += ["| mutant | reason |", "|---|---|"]
     for name in sorted(equivalent):
-        lines.append(f"| `{function_of(name)}` ({name.rsplit('_', 1)[1]}) | {equivalent[name]} |")
+        where = f"{module_of(name).removeprefix('toyvae.')}.{function_of(name)}"
+        lines.append(f"| `{where}` ({name.rsplit('_', 1)[1]}) | {equivalent[name]} |")
     lines += ["", "Survivors neither killed nor shown equivalent:", ""]
     if open_survivors:
         per_function = collections.Counter(

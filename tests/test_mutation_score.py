@@ -1,0 +1,50 @@
+"""scripts/mutation_score.py's arithmetic, and the mutation numbers on docs/how-we-know.md.
+
+The run itself takes hours and does not run here; its committed outputs do: the page's prose
+numbers must be those of docs/data/mutation-score.md and docs/data/mutation-triage.tsv.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import mutation_score  # noqa: E402
+
+
+def test_score_counts_later_kills_and_leaves_out_equivalent_and_unreached_mutants():
+    statuses = {
+        "toyvae.m.x_f__mutmut_1": "killed",
+        "toyvae.m.x_f__mutmut_2": "survived",  # killed later by a new test
+        "toyvae.m.x_f__mutmut_3": "survived",  # equivalent
+        "toyvae.m.x_f__mutmut_4": "survived",  # open
+        "toyvae.m.x_f__mutmut_5": "not checked",
+        "toyvae.m.xǁCǁg__mutmut_1": "timeout",
+    }
+    triage = {
+        "equivalent": {"toyvae.m.x_f__mutmut_3": "same value"},
+        "killed": {"toyvae.m.x_f__mutmut_2": "tests/t.py::t"},
+    }
+    text = mutation_score.summarise(statuses, triage)
+    # 6 mutants, 1 not checked, killed = killed + timeout + later kill = 3, 1 equivalent,
+    # 1 open: score 3 / (6 − 1 − 1) = 75.0%.
+    assert "| **all** | 6 | 1 | 3 (1) | 1 | 1 | 75.0% |" in text
+    assert "| `m.f` (3) | same value |" in text
+    assert "| `toyvae.m` | `f` | survived | 1 |" in text
+    assert mutation_score.function_of("toyvae.m.xǁCǁ__init____mutmut_7") == "C.__init__"
+
+
+def test_the_page_quotes_the_committed_run():
+    page = (ROOT / "docs" / "how-we-know.md").read_text(encoding="utf-8")
+    score = (ROOT / "docs" / "data" / "mutation-score.md").read_text(encoding="utf-8")
+    triage = (ROOT / "docs" / "data" / "mutation-triage.tsv").read_text(encoding="utf-8")
+    row = re.search(r"\| \*\*all\*\* \| (\d+) \| (\d+) \|", score)
+    mutants, not_checked = int(row[1]), int(row[2])
+    assert f"stopped after {mutants - not_checked:,} of\nits {mutants:,} mutants" in page
+    assert f"the {not_checked} it did not reach" in page
+    equivalent = [line for line in triage.splitlines() if "\tequivalent\t" in line]
+    on_device = [line for line in equivalent if "device" in line.split("\t")[2].lower()]
+    assert f"Of the {len(equivalent)} equivalent mutants, {len(on_device)} change" in page
