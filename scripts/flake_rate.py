@@ -197,6 +197,26 @@ def table(rows: list[Row], alarm: float, markdown: bool) -> str:
     )
 
 
+def by_file(rows: list[Row], alarm: float) -> str:
+    """One Markdown row per test file: tests, runs per test, failures, flagged, largest stated p."""
+    files: dict[str, list[Row]] = {}
+    for row in rows:
+        files.setdefault(row.nodeid.split("::")[0], []).append(row)
+    lines = [
+        "| file | stochastic tests | runs per test | failures | flagged | largest stated p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, group in sorted(files.items()):
+        runs = sorted({r.runs for r in group})
+        largest = max((r.p for r in group), default=0.0)
+        lines.append(
+            f"| `{name}` | {len(group)} | {runs[0] if len(runs) == 1 else f'{runs[0]}–{runs[-1]}'}"
+            f" | {sum(r.failures for r in group)} | {sum(r.flagged(alarm) for r in group)}"
+            f" | {f'{largest:.1e}' if largest else '0'} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=200, help="offsets to run (default 200)")
@@ -251,14 +271,26 @@ def main(argv: list[str] | None = None) -> int:
     flagged = [r for r in rows if r.flagged(args.alarm)]
     print(table(rows, args.alarm, markdown=False))
     runs = sorted({r.runs for r in rows})
+    done = [j for j in offsets if (args.workdir / f"offset-{j}").is_dir()]
     summary = (
         f"{len(rows)} stochastic tests; runs per test: {runs[0] if runs else 0}"
-        f"{'' if len(runs) <= 1 else f' to {runs[-1]}'} (offsets {offsets.start}–"
-        f"{offsets.stop - 1}); {sum(r.failures for r in rows)} failures in all; "
-        f"{len(flagged)} flagged (P(X ≥ failures) < {args.alarm:g} at the stated p)."
+        f"{'' if len(runs) <= 1 else f' to {runs[-1]}'} ({len(done)} of the offsets "
+        f"{offsets.start}–{offsets.stop - 1} completed); {sum(r.failures for r in rows)} "
+        f"failures in all; {len(flagged)} flagged (P(X ≥ failures) < {args.alarm:g} at the "
+        "stated p)."
     )
     print(summary)
-    args.markdown.write_text(summary + "\n\n" + table(rows, args.alarm, True) + "\n", "utf-8")
+    failing = [r for r in rows if r.failures or r.flagged(args.alarm)]
+    args.markdown.write_text(
+        f"{summary}\n\n{by_file(rows, args.alarm)}\n\n"
+        + (
+            f"Tests that failed at least once:\n\n{table(failing, args.alarm, True)}\n\n"
+            if failing
+            else ""
+        )
+        + f"Every stochastic test:\n\n{table(rows, args.alarm, True)}\n",
+        "utf-8",
+    )
     print(f"wrote {args.markdown}")
     return 1 if flagged else 0
 
