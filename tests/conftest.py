@@ -50,16 +50,7 @@ if _RECORD:
     import pytest
     import seeds
 
-    _seeded_modules: set[str] = set()
     _outcomes: dict[str, list[str]] = {}
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_make_collect_report(collector):
-        before = seeds.calls
-        report = yield
-        if isinstance(collector, pytest.Module) and seeds.calls != before:
-            _seeded_modules.add(str(collector.path))
-        return report
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(item, call):
@@ -82,7 +73,8 @@ if _RECORD:
         line = {
             "nodeid": item.nodeid,
             "outcome": outcome,
-            "seeded": seeds.calls != before or str(item.path) in _seeded_modules,
+            "seeded": seeds.calls != before
+            or str(Path(item.path).resolve()) in seeds.imported_with_seeds,
             "false_alarm": None if marker is None else float(marker.args[0]),
             # Drew from torch's or NumPy's global generator (unseeded, order-dependent draws).
             "global_rng": not torch.equal(torch_state, torch_after)

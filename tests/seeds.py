@@ -15,19 +15,24 @@ test's failure count with its stated false-alarm probability (``@pytest.mark.fal
 Hypothesis tests are not moved by the offset: their randomness is Hypothesis's, exercised by
 the deep profile (``HYPOTHESIS_PROFILE=deep``, tests/conftest.py).
 
-``calls`` counts the seeds handed out, so that tests/conftest.py can tell, when
-``TOYVAE_SEED_RECORD`` is set, which tests used one (those are the stochastic tests).
+``calls`` counts the seeds handed out, and ``imported_with_seeds`` names the test files whose
+import drew one (cases built at module level, for ``parametrize``), so that tests/conftest.py
+can tell, when ``TOYVAE_SEED_RECORD`` is set, which tests use one: the stochastic tests.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 ENV = "TOYVAE_SEED_OFFSET"
 calls = 0
+imported_with_seeds: set[str] = set()
+_TESTS = str(Path(__file__).resolve().parent)
 
 
 def offset() -> int:
@@ -43,6 +48,11 @@ def seed(n: int) -> int:
     """``n`` itself in the default run; under an offset j ≠ 0, a hash of (n, j) in [0, 2³²)."""
     global calls
     calls += 1
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "<module>":
+        frame = frame.f_back
+    if frame is not None and frame.f_code.co_filename.startswith(_TESTS):
+        imported_with_seeds.add(str(Path(frame.f_code.co_filename).resolve()))
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"a test seed must be a non-negative integer, got {n!r}")
     j = offset()
