@@ -128,7 +128,7 @@ def discover(workdir: Path, pytest_args: list[str], jobs: int) -> dict:
     return found
 
 
-def run_offset(workdir: Path, offset: int, nodeids: list[str]) -> float:
+def run_offset(workdir: Path, offset: int, nodeids: list[str], pytest_args=()) -> float:
     """Run ``nodeids`` once with TOYVAE_SEED_OFFSET=offset in one process; return its seconds."""
     folder = workdir / f"offset-{offset}"
     partial = workdir / f"offset-{offset}.partial"
@@ -136,7 +136,7 @@ def run_offset(workdir: Path, offset: int, nodeids: list[str]) -> float:
         old.unlink()
     start = time.perf_counter()
     _pytest(
-        ["-q", "-p", "no:cacheprovider", "-n", "0", *nodeids],
+        ["-q", "-p", "no:cacheprovider", "-n", "0", *pytest_args, *nodeids],
         _env(TOYVAE_SEED_OFFSET=str(offset), TOYVAE_SEED_RECORD=str(partial)),
         workdir / f"offset-{offset}.log",
     )
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pytest-args",
         default="",
-        help="extra arguments for the discovery run (e.g. \"-m 'slow'\" for the slow tests)",
+        help="extra pytest arguments for every run (e.g. '-m slow' for the slow tests)",
     )
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         todo = [j for j in offsets if not (args.workdir / f"offset-{j}").is_dir()]
         print(f"{len(nodeids)} tests × {len(todo)} offsets, {args.jobs} at a time", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {j: pool.submit(run_offset, args.workdir, j, nodeids) for j in todo}
+            extra = args.pytest_args.split()
+            futures = {j: pool.submit(run_offset, args.workdir, j, nodeids, extra) for j in todo}
             for j, future in futures.items():
                 print(f"offset {j}: {future.result():.0f} s", flush=True)
 
