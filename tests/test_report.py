@@ -797,3 +797,14 @@ def test_a_biased_gradient_estimator_fails_the_row_beyond_quadrature(monkeypatch
     budget = dataclasses.replace(TINY, gradient_draws=4_000)
     row = checks.check_gradients(model, x, seeds.generator(14), budget=budget)
     assert row.passed is False
+
+
+def test_every_accepted_seed_makes_a_generator():
+    """--seed accepts [0, 2**63); each stream's torch seed stays in torch's 64-bit range (seeds of
+    2**32 and more used to overflow), and seeds below 2**31 keep their streams."""
+    from toyvae.report.cli import _generator
+
+    for seed in (0, 2**31 - 1, 2**32, 2**63 - 1):
+        draw = torch.randn(3, generator=_generator(seed, "model", "data", device="cpu"))
+        again = torch.randn(3, generator=_generator(seed, "model", "data", device="cpu"))
+        assert torch.equal(draw, again)

@@ -121,7 +121,9 @@ def _generator(seed: int, *labels: str, device):
     import torch
 
     key = zlib.crc32("/".join([str(seed), *labels]).encode())
-    return torch.Generator(device=device).manual_seed(seed * 2**32 + key)
+    # Reduced into torch's signed 64-bit seed range: unchanged for seeds below 2**31, and no
+    # overflow for the larger seeds that --seed accepts.
+    return torch.Generator(device=device).manual_seed((seed * 2**32 + key) % 2**63)
 
 
 def _stream(check) -> str:
