@@ -99,7 +99,8 @@ def summarise(statuses: dict[str, str], triage: dict[str, dict[str, str]], commi
     ]
     for module in [*sorted(per_module), "all"]:
         c = total if module == "all" else per_module[module]
-        label = "**all**" if module == "all" else f"`{module}`"
+        # Module names without the package prefix: a `toyvae.…` span on a page must be a link.
+        label = "**all**" if module == "all" else f"`{module.removeprefix('toyvae.')}`"
         lines.append(
             f"| {label} | {c['mutants']} | {c['not checked']} | {c['killed']} ({c['later']}) | "
             f"{c['equivalent']} | {c['survived']} | {score(c)} |"
@@ -116,7 +117,9 @@ def summarise(statuses: dict[str, str], triage: dict[str, dict[str, str]], commi
         )
         lines += ["| module | function | status | mutants |", "|---|---|---|---:|"]
         for (module, function, status), count in sorted(per_function.items()):
-            lines.append(f"| `{module}` | `{function}` | {status} | {count} |")
+            lines.append(
+                f"| `{module.removeprefix('toyvae.')}` | `{function}` | {status} | {count} |"
+            )
     else:
         lines.append("none.")
     return "\n".join(lines) + "\n"

@@ -33,7 +33,7 @@ def test_score_counts_later_kills_and_leaves_out_equivalent_and_unreached_mutant
     # 1 open: score 3 / (6 − 1 − 1) = 75.0%.
     assert "| **all** | 6 | 1 | 3 (1) | 1 | 1 | 75.0% |" in text
     assert "| `m.f` (3) | same value |" in text
-    assert "| `toyvae.m` | `f` | survived | 1 |" in text
+    assert "| `m` | `f` | survived | 1 |" in text
     assert mutation_score.function_of("toyvae.m.xǁCǁ__init____mutmut_7") == "C.__init__"
 
 
