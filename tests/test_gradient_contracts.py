@@ -22,6 +22,7 @@ import pytest
 import seeds
 import torch
 from scipy.stats import multivariate_normal
+from test_estimator_contracts import DT, D, K, _parameters
 from torch.distributions import MultivariateNormal
 
 import toyvae
@@ -34,22 +35,11 @@ from toyvae.gradients import (
     gradient_estimator_moments,
 )
 
-DT = torch.float64
-D, K = 3, 2
 # Tolerance for float64 values of O(1)–O(30) quantities (log weights, Λ(m − μ), (ΛL)²) from
 # K = 2 computations with condition number < 20, compared with NumPy's: each side's rounding
 # is ≲ 1e2·κ·eps·size ≈ 1e-12; 1e-10 is a wide margin, and every mutation checked here moves
 # the values by O(1) or raises.
 ATOL = 1e-10
-
-
-def _parameters(seed: int = 11):
-    g = seeds.generator(seed)
-    weight = torch.randn(D, K, generator=g, dtype=DT)
-    bias = torch.randn(D, generator=g, dtype=DT)
-    noise = 0.4 + torch.rand(D, generator=g, dtype=DT)
-    x = torch.randn(D, generator=g, dtype=DT)
-    return weight, bias, noise, x
 
 
 def _numpy(*tensors):
