@@ -47,6 +47,8 @@ class Hard:
         self.q_tril = 1.01 * post.scale_tril.numpy()
         self.q_loc = post.loc.numpy() + post.scale_tril.numpy() @ (0.01 * rng.standard_normal(k))
         self.name = f"D={d} K={k} noise~{noise:.0e} cond(W)={weight_cond:.0e}"
+        if pinned:
+            self.name += f" seed={seed}"
 
     def exact(self, quantity: str, theta: dict):
         model = oracle.Model(theta["weight"], theta["bias"], theta["noise"])
@@ -97,6 +99,9 @@ CASES = [
     Hard(2, 10, 3, 1e-12),
     Hard(3, 6, 4, 1e-8, weight_cond=1e6),
     Hard(4, 5, 10, 1e-6, weight_cond=1e4),
+    # Found by scripts/flake_rate.py (TOYVAE_SEED_OFFSET=7 moves seed 0 to this one): here the
+    # ELBO summed as E_q log p(x|z) − KL(q ‖ p(z)) is 35 floors off, the regrouped sum 0.1.
+    Hard(1369798745, 3, 6, 1e-10, pinned=True),
 ]
 
 

@@ -109,6 +109,8 @@ def elbo(model, x, q) -> torch.Tensor:
     if isinstance(q, StructuredGaussian):
         return q.elbo(model, x)
     model, x, gq = check_call(model, x, q)
+    if hasattr(model, "elbo"):  # a family that regroups the terms (ConjugateModel's docstring)
+        return model.elbo(x, gq)
     return model.expected_log_likelihood(x, gq) - _kl(gq, _prior(model))
 
 

@@ -601,6 +601,12 @@ class HierarchicalLinearGaussian(Frozen):
         """log p(x) and p(z|x) for a checked x (the :class:`toyvae.ConjugateModel` method)."""
         return self.as_linear_gaussian().exact(x)
 
+    def elbo(self, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
+        """ELBO(q) for a checked x and canonical q over the flat latents, by
+        :meth:`toyvae.LinearGaussian.elbo` (accurate near the posterior); the per-layer route of a
+        top-down q is :meth:`TopDownGaussian.elbo`."""
+        return self.as_linear_gaussian().elbo(x, q)
+
     def log_evidence(self, x) -> torch.Tensor:
         """log p_θ(x), shape ``x.shape[:-1]``, from :meth:`as_linear_gaussian`."""
         return self.exact(self.check_data(x)).log_evidence

@@ -33,7 +33,7 @@ from toyvae._checks import (
 )
 from toyvae._frozen import Frozen
 from toyvae._linalg import solve_rows
-from toyvae.gaussians import LOG_2PI, Gaussian, as_gaussian, standard_normal
+from toyvae.gaussians import LOG_2PI, Gaussian, _kl, as_gaussian, standard_normal
 from toyvae.interface import Exact
 from toyvae.noise import noise_covariance
 
@@ -346,6 +346,35 @@ class LinearGaussian(Frozen):
         spread = gram_form + (qr_form - gram_form).detach()
         constant = self.data_dim * LOG_2PI + self._noise.log_det()
         return -0.5 * (constant + misfit.square().sum(-1) + spread)
+
+    def elbo(self, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
+        r"""ELBO(q) for a checked x and canonical q, summed so that nothing cancels near p(z|x).
+
+        In the prior's standard coordinates u (q_u = N(m, S), S = L_S L_Sᵀ),
+
+        .. math::
+            \mathrm{ELBO} = -\tfrac12\big[D\log 2\pi + \log\det\Psi + \log\det\Lambda
+                + \lVert\tilde r - \tilde W m\rVert^2 + \lVert m\rVert^2\big]
+                - \mathrm{KL}\big(\mathcal N(m, S)\,\|\,\mathcal N(m, \Lambda^{-1})\big)
+
+        which is E_q log p(x|z) − KL(q ‖ p(z)) with the terms of ½[tr(ΛS) − K − log det S]
+        regrouped. Near the posterior those terms are each as large as tr(W̃ᵀW̃S) (with small
+        noise and K > D, rounding of 1e-11 each) while their sum is stationary in q; the last KL
+        keeps its relative accuracy (:func:`toyvae.gaussians.kl_from_relative`). The mean part
+        is the ELBO's own, from W and b as given, not from the posterior mean; the covariance
+        part shares the posterior's factor with :func:`toyvae.kl_to_posterior`.
+        """
+        factors = self._factors()
+        if self._prior_tril is None:
+            u = q
+        else:
+            scale = torch.linalg.solve_triangular(self._prior_tril, q.scale_tril, upper=False)
+            u = Gaussian(self._standardise(q.loc), scale)
+        misfit = self._noise.whiten(x - factors.bias) - u.loc @ factors.whitened_weight.mT
+        mean_part = misfit.square().sum(-1) + u.loc.square().sum(-1)
+        spread = _kl(u, Gaussian(u.loc, factors.posterior_scale_tril))
+        constant = self.data_dim * LOG_2PI + factors.noise_log_det + factors.log_det_precision()
+        return -0.5 * (constant + mean_part) - spread
 
     def log_joint(self, x, z) -> torch.Tensor:
         """log p_θ(x, z) = log p_θ(x|z) + log p(z), broadcasting x (..., D) with z (..., K)."""
