@@ -8,8 +8,10 @@ that does not depend on x), its posterior mean is μ = Λ⁻¹ Ãᵀ r̃, and by
     log p(x) = −½ [D log 2π + log det Ψ + log det Λ + ‖r̃ − Ã μ‖² + ‖μ‖²].
 
 The posterior of z is N(m₀ + L₀ μ, L₀ Λ⁻¹ L₀ᵀ), with Cholesky factor L₀ S for S Sᵀ = Λ⁻¹.
-For isotropic or diagonal Ψ, L_Ψ is a vector of square roots, so no D×D matrix is ever formed:
-the cost is O(N·D·K + D·K² + K³).
+When D ≤ K, log det Ψ + log det Λ is computed as the log det of the marginal covariance
+C = W P₀ Wᵀ + Ψ from a QR of [(W L₀)ᵀ; L_Ψᵀ]: with small noise the two terms would cancel.
+For isotropic or diagonal Ψ, L_Ψ is a vector of square roots, so no D×D matrix is formed
+when D > K: the cost is O(N·D·K + D·K² + K³).
 """
 
 from __future__ import annotations
@@ -52,12 +54,9 @@ class _Factors(NamedTuple):
     mean_map: torch.Tensor  # Q₁J (D, K): μ = S (Q₁J)ᵀ r̃, from the QR of [ÃJ; J]
     precision_tril: torch.Tensor  # lower Lr with Λ = I + ÃᵀÃ = Lrᵀ Lr
     posterior_scale_tril: torch.Tensor  # lower S = Lr⁻¹, so S Sᵀ = Λ⁻¹
-    noise_log_det: torch.Tensor  # log det Ψ
+    log_det_marginal: torch.Tensor  # log det C = log det Ψ + log det Λ, C = W P₀ Wᵀ + Ψ
+    marginal_factor: torch.Tensor | None  # upper R_C with C = R_Cᵀ R_C, for D ≤ K only
     bias: torch.Tensor  # b + W m₀: the mean of x
-
-    def log_det_precision(self) -> torch.Tensor:
-        """log det Λ = 2 Σ log (Lr)_ii."""
-        return 2 * self.precision_tril.diagonal().log().sum()
 
 
 class LinearGaussian(Frozen):
@@ -225,7 +224,18 @@ class LinearGaussian(Frozen):
         mean_map, precision_tril = _stacked_qr(whitened)
         eye = torch.eye(self.latent_dim, dtype=whitened.dtype, device=whitened.device)
         scale_tril = torch.linalg.solve_triangular(precision_tril, eye, upper=False)
-        return _Factors(whitened, mean_map, precision_tril, scale_tril, self._noise.log_det(), bias)
+        if self.data_dim > self.latent_dim:
+            marginal = None
+            log_det = self._noise.log_det() + 2 * precision_tril.diagonal().log().sum()
+        else:
+            # D ≤ K: with small noise log det Ψ and log det Λ are each about D·|log σ²| and
+            # cancel to an O(1) log det C, losing as many ulps, and the whitened route's
+            # quadratic form carries eps·‖Ã‖ (in float32, most of its digits). C = MᵀM with
+            # M = [(W L₀)ᵀ; L_Ψᵀ], whose QR ((K + D) × D, no larger than Λ's) gives both.
+            stacked = torch.cat([weight.mT, self._noise.tril().mT], dim=-2)
+            marginal = torch.linalg.qr(stacked).R
+            log_det = 2 * marginal.diagonal().abs().log().sum()
+        return _Factors(whitened, mean_map, precision_tril, scale_tril, log_det, marginal, bias)
 
     def _posterior_u(self, x: torch.Tensor, factors: _Factors) -> tuple[torch.Tensor, Gaussian]:
         """The whitened residual r̃ and the posterior of u, N(S (Q₁J)ᵀ r̃, S Sᵀ), for rows x.
@@ -294,7 +304,9 @@ class LinearGaussian(Frozen):
 
         with Λ = I + W̃ᵀW̃, W̃ = L_Ψ⁻¹WL₀, r̃ = L_Ψ⁻¹(x − b − Wm₀), μ the posterior mean of
         u = L₀⁻¹(z − m₀). The two squared norms are the quadratic form of the marginal written as
-        a sum of non-negative terms (completing the square), so no cancellation occurs.
+        a sum of non-negative terms (completing the square), so no cancellation occurs; for
+        D ≤ K, log det Ψ + log det Λ is computed as log det(W P₀ Wᵀ + Ψ), which does not cancel
+        either.
         """
         return self._log_evidence(self.check_data(x), self._factors())
 
@@ -305,15 +317,20 @@ class LinearGaussian(Frozen):
         # than in arithmetic (benchmarks/README.md).
         block = max(1, _BLOCK_ELEMENTS // self.data_dim)
         quadratic = torch.cat([self._quadratic(part, factors) for part in rows.split(block)])
-        constant = self.data_dim * LOG_2PI + factors.noise_log_det + factors.log_det_precision()
+        constant = self.data_dim * LOG_2PI + factors.log_det_marginal
         return -0.5 * (constant + quadratic.reshape(x.shape[:-1]))
 
     def _quadratic(self, x: torch.Tensor, factors: _Factors) -> torch.Tensor:
-        """The marginal's quadratic form = ‖r̃ − W̃μ‖² + ‖μ‖² for rows x (B, D)."""
-        residual, post = self._posterior_u(x, factors)
-        # r̃ − μ W̃ᵀ in one fused product-and-add.
-        misfit = torch.addmm(residual, post.loc, factors.whitened_weight.mT, alpha=-1)
-        quadratic = misfit.square().sum(-1) + post.loc.square().sum(-1)
+        """The marginal's quadratic form (x − b)ᵀC⁻¹(x − b) for rows x (B, D): ‖R_C⁻ᵀ(x − b)‖²
+        for D ≤ K, else ‖r̃ − W̃μ‖² + ‖μ‖²."""
+        if factors.marginal_factor is not None:
+            whitened = solve_rows(factors.marginal_factor.mT, x - factors.bias)
+            quadratic = whitened.square().sum(-1)
+        else:
+            residual, post = self._posterior_u(x, factors)
+            # r̃ − μ W̃ᵀ in one fused product-and-add.
+            misfit = torch.addmm(residual, post.loc, factors.whitened_weight.mT, alpha=-1)
+            quadratic = misfit.square().sum(-1) + post.loc.square().sum(-1)
         # Inputs and parameters are finite, so a NaN here can only come from an overflow (x near
         # float64's largest number: inf − inf or inf·0 in the residual or the posterior mean).
         # The quadratic form, at least ‖μ‖², then overflows in exact arithmetic too, and
@@ -373,7 +390,7 @@ class LinearGaussian(Frozen):
         misfit = self._noise.whiten(x - factors.bias) - u.loc @ factors.whitened_weight.mT
         mean_part = misfit.square().sum(-1) + u.loc.square().sum(-1)
         spread = _kl(u, Gaussian(u.loc, factors.posterior_scale_tril))
-        constant = self.data_dim * LOG_2PI + factors.noise_log_det + factors.log_det_precision()
+        constant = self.data_dim * LOG_2PI + factors.log_det_marginal
         return -0.5 * (constant + mean_part) - spread
 
     def log_joint(self, x, z) -> torch.Tensor:
