@@ -192,3 +192,21 @@ def test_a_float64_q_that_does_not_fit_a_float32_model_is_refused():
     )
     with pytest.raises(ValueError, match=r"q's scale in the model's dtype.*strictly positive"):
         toyvae.kl_to_posterior(model, x, tiny)
+
+
+def test_distributions_handed_out_validate_their_arguments():
+    """A Gaussian's torch distribution keeps torch's argument checks: a NaN point is refused,
+    and so is a factor with a negative diagonal built by hand."""
+    # torch's default is to validate, but the default is global and torch._dynamo switches it
+    # off when it starts (an earlier test in the same process may have): set it here.
+    default = torch.distributions.Distribution._validate_args
+    torch.distributions.Distribution.set_default_validate_args(True)
+    try:
+        g = toyvae.gaussians.Gaussian(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64))
+        with pytest.raises(ValueError, match="value"):
+            g.distribution().log_prob(torch.tensor([float("nan"), 0.0], dtype=F64))
+        bad = toyvae.gaussians.Gaussian(torch.zeros(2, dtype=F64), -torch.eye(2, dtype=F64))
+        with pytest.raises(ValueError, match="scale_tril"):
+            bad.distribution()
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(default)

@@ -477,3 +477,13 @@ def test_elbo_gradients_are_finite_and_right_for_a_rank_deficient_weight():
     for a, b in zip(ours, expected, strict=True):
         assert torch.isfinite(a).all()
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_posterior_mean_that_overflows_is_refused_with_the_size_of_x():
+    """x finite but so large that the whitened residual (x − b)/σ overflows float64: the error
+    names x and its largest entry, instead of returning an infinite posterior mean."""
+    model = toyvae.LinearGaussian(torch.ones(2, 1, dtype=F64), noise_variance=1e-20)
+    x = torch.full((2,), 1e300, dtype=F64)  # (x − b)/σ = 1e310 > float64's largest, 1.8e308
+    message = r"^x is so far from the model's mean that its posterior mean overflows float64: "
+    with pytest.raises(ValueError, match=message + r"the largest \|x\| entry is 1e\+300$"):
+        model.posterior(x)
