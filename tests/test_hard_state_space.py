@@ -15,6 +15,7 @@ import mp_oracle as oracle
 import numpy as np
 import pytest
 import torch
+from test_ssm_model_contracts import dense_prior
 
 from toyvae import LinearGaussianSSM
 from toyvae import _block_tridiagonal as btd
@@ -165,20 +166,13 @@ def test_derivatives_agree_with_the_normal_equation_route():
 
     k, d, num_steps = 3, 2, chain.x.shape[0]
     a, c, b = params["transition"], params["emission"], params["bias"]
-    q = torch.diag(torch.from_numpy(chain.transition_noise))
-    marginals = [torch.eye(k, dtype=torch.float64)]
-    for _ in range(1, num_steps):
-        marginals.append(a @ marginals[-1] @ a.T + q)
-    rows = []
-    for t in range(num_steps):
-        row = []
-        for s in range(num_steps):
-            if s <= t:
-                row.append(torch.linalg.matrix_power(a, t - s) @ marginals[s])
-            else:
-                row.append((torch.linalg.matrix_power(a, s - t) @ marginals[t]).T)
-        rows.append(torch.cat(row, 1))
-    cov_z = torch.cat(rows, 0)
+    prior = {
+        "transition": a,
+        "transition_noise": torch.diag(torch.from_numpy(chain.transition_noise)),
+        "initial_mean": torch.zeros(k, dtype=torch.float64),
+        "initial_covariance": torch.eye(k, dtype=torch.float64),
+    }
+    _, cov_z = dense_prior(prior, num_steps)
     big_c = torch.kron(torch.eye(num_steps, dtype=torch.float64), c)
     r = torch.diag(torch.from_numpy(chain.emission_noise).repeat(num_steps))
     dense = torch.distributions.MultivariateNormal(
