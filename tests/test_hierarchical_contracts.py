@@ -717,3 +717,20 @@ def test_an_in_place_edit_of_any_given_tensor_raises_naming_it(build, name):
     with pytest.raises(RuntimeError) as raised:
         model.log_evidence(x)
     assert str(raised.value).startswith(f"{name} was modified in place"), str(raised.value)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("part", ["mean", "scale"])
+def test_a_float64_top_down_q_that_does_not_fit_a_float32_model_is_refused(layer, part):
+    """A float64 layer mean of 1e39 (float32's largest is 3.4e38) or scale of 1e-50 (0 in
+    float32) is refused with a ValueError naming q and the model's dtype, not turned into an
+    inf or a NaN ELBO, whether the layer is the bottom one or the top one."""
+    x = torch.zeros(3, dtype=torch.float32)  # D = 3: BIASES[0]
+    locs, scales, weights = _q_parts()
+    if part == "mean":
+        locs[layer] = locs[layer] + 1e39
+    else:
+        scales[layer] = scales[layer] * 1e-50
+    q = TopDownGaussian(locs, scales, weights)  # NumPy: float64
+    with pytest.raises(ValueError, match=r"q's .*model's dtype torch\.float32"):
+        layerwise_elbo(_model(torch.float32), x, q)

@@ -38,7 +38,7 @@ from toyvae._checks import (
     describe,
 )
 from toyvae._frozen import Frozen
-from toyvae.bounds import kl_to_posterior
+from toyvae.bounds import as_model_dtype, kl_to_posterior
 from toyvae.gaussians import LOG_2PI, Gaussian, _kl, as_gaussian, standard_normal
 from toyvae.interface import Exact
 from toyvae.model import LinearGaussian
@@ -741,8 +741,8 @@ def layerwise_elbo(model: HierarchicalLinearGaussian, x, q) -> LayerwiseELBO:
         )
     batch = broadcast_batch(q=q.batch_shape, x=x.shape[:-1])
     dtype = model.dtype
-    joint = q._joint()
-    joint = Gaussian(joint.loc.to(dtype), joint.scale_tril.to(dtype))
+    # Cast and checked again in the model's dtype (a float64 mean of 1e39 overflows float32).
+    joint = as_model_dtype(q._joint(), dtype)
     reconstruction = model.expected_log_likelihood(x, joint).expand(batch)
 
     dims = model.layer_dims
@@ -751,8 +751,8 @@ def layerwise_elbo(model: HierarchicalLinearGaussian, x, q) -> LayerwiseELBO:
     above = 0
     for layer in range(top, -1, -1):
         k = dims[layer]
-        scale = q.scale_trils[layer].to(dtype).expand(*batch, k, k)
-        loc = q.locs[layer].to(dtype)
+        layer_q = as_model_dtype(Gaussian(q.locs[layer], q.scale_trils[layer]), dtype)
+        scale, loc = layer_q.scale_tril.expand(*batch, k, k), layer_q.loc
         if layer == top:
             kls[layer] = _kl(
                 Gaussian(loc.expand(*batch, k), scale), standard_normal(k, dtype, model.device)
