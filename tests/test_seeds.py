@@ -19,8 +19,8 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "flake_rate.py"
 def _flake_rate():
     spec = importlib.util.spec_from_file_location("flake_rate", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclass resolves annotations there
-    spec.loader.exec_module(sys.modules[spec.name])
+    module = sys.modules.setdefault(spec.name, module)  # its dataclass resolves annotations there
+    spec.loader.exec_module(module)
     return module
 
 
