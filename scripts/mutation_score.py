@@ -1,6 +1,6 @@
 r"""The mutation score of the mathematical modules, from a mutmut run and its triaged survivors.
 
-    bash scripts/mutation_score.sh            # runs mutmut (about 2 hours on 2 cores), then this
+    bash scripts/mutation_score.sh            # runs mutmut (several hours on 2 cores), then this
     python scripts/mutation_score.py RESULTS [RESULTS …] [--triage docs/data/mutation-triage.tsv]
                                              [--out docs/data/mutation-score.md]
 

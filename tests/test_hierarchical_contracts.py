@@ -734,3 +734,25 @@ def test_a_float64_top_down_q_that_does_not_fit_a_float32_model_is_refused(layer
     q = TopDownGaussian(locs, scales, weights)  # NumPy: float64
     with pytest.raises(ValueError, match=r"q's .*model's dtype torch\.float32"):
         layerwise_elbo(_model(torch.float32), x, q)
+
+
+def test_layerwise_elbo_of_a_float64_q_on_a_float32_model_is_float32():
+    """A float64 top-down q is cast to a float32 model's dtype layer by layer: the ELBO and
+    every per-layer KL come back in float32 (the dtype the model computes in)."""
+    x = torch.zeros(3, dtype=torch.float32)  # D = 3: BIASES[0]
+    q = TopDownGaussian(*_q_parts())  # NumPy: float64
+    result = layerwise_elbo(_model(torch.float32), x, q)
+    assert result.elbo.dtype == torch.float32
+    assert all(kl.dtype == torch.float32 for kl in result.kls)
+
+
+def test_a_layer_mean_that_overflows_float32_is_refused_even_when_the_joint_mean_does_not():
+    """m_1 = 1e39 with a ladder weight that cancels it (z_1's mean m_1 + A_1 m_2 = 0, and
+    A_1 L_2 = −1 with L_2 = 1e-39, a float32 subnormal): the joint fits float32, but the layer's
+    own mean does not, so a float32 model refuses q by name."""
+    x = torch.zeros(3, dtype=torch.float32)  # D = 3: BIASES[0]
+    locs, scales, weights = _q_parts()
+    locs[1], locs[2], scales[2] = np.array([1e39, 0.0]), np.array([1.0]), np.array([[1e-39]])
+    weights[1] = np.array([[-1e39], [0.0]])
+    with pytest.raises(ValueError, match=r"q's mean in the model's dtype torch\.float32"):
+        layerwise_elbo(_model(torch.float32), x, TopDownGaussian(locs, scales, weights))

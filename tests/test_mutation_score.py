@@ -52,4 +52,10 @@ def test_the_page_quotes_the_committed_run():
         assert "Every mutant was run." in page
     equivalent = [line for line in triage.splitlines() if "\tequivalent\t" in line]
     on_device = [line for line in equivalent if "device" in line.split("\t")[2].lower()]
-    assert f"Of the {len(equivalent)} equivalent mutants, {len(on_device)} change" in page
+    flat = " ".join(page.split())
+    assert f"Of the {len(equivalent)} equivalent mutants, {len(on_device)} change" in flat
+    killed = sum(s in mutation_score.KILLED for s in statuses.values())
+    later = len([line for line in triage.splitlines() if "\tkilled\t" in line])
+    relevant = mutants - not_checked - len(equivalent)
+    assert f"killed {killed:,} of the {relevant:,} mutants" in flat
+    assert f"({100 * killed / relevant:.1f}%); the other {later} survived them" in flat
