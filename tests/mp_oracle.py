@@ -208,3 +208,27 @@ def state_space(transition, transition_noise, emission, emission_noise, bias, x)
     )
     gain = cov_z * stacked_c.T * cov_x_inv
     return log_evidence, gain * residual, cov_z - gain * stacked_c * cov_z
+
+
+def markov_chain(initial_loc, initial_scale_tril, transition, offset, scale_tril):
+    """The mean (T·K column) and covariance of the Gaussian chain z₁ = m₁ + S₁ε₁,
+    z_t = F_t z_{t−1} + f_t + S_t ε_t (``transition``, ``offset`` and ``scale_tril`` are
+    sequences of T − 1 matrices or vectors), from its block lower-triangular scale L:
+    block (t, s) of L is F_t ⋯ F_{s+1} S_s, and the covariance is L Lᵀ."""
+    loc, first = to_mp(initial_loc), to_mp(initial_scale_tril)
+    k, num_steps = loc.rows, len(transition) + 1
+    means, rows = [loc], [[first]]
+    for gain, shift, scale in zip(transition, offset, scale_tril, strict=True):
+        gain = to_mp(gain)
+        means.append(gain * means[-1] + to_mp(shift))
+        rows.append([gain * block for block in rows[-1]] + [to_mp(scale)])
+    mean = MP.matrix(num_steps * k, 1)
+    tril = MP.matrix(num_steps * k, num_steps * k)
+    for t in range(num_steps):
+        for i in range(k):
+            mean[t * k + i] = means[t][i]
+        for s, block in enumerate(rows[t]):
+            for i in range(k):
+                for j in range(k):
+                    tril[t * k + i, s * k + j] = block[i, j]
+    return mean, tril * tril.T

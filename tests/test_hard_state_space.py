@@ -20,11 +20,26 @@ from test_ssm_model_contracts import dense_prior
 from toyvae import LinearGaussianSSM
 from toyvae import _block_tridiagonal as btd
 from toyvae import _square_root_reduction as sr
+from toyvae.state_space import (
+    MarkovGaussian,
+    _kl_through_precision,
+    markov_kl_to_posterior,
+)
 
 EPS = float(np.finfo(np.float64).eps)
 PATTERNS = 3  # random sign patterns per floor estimate (each costs one 60-digit solve)
 ALLOWANCE = 30  # multiples of the estimated floor: see the module docstring
 NAMES = ("transition", "transition_noise", "emission", "emission_noise", "bias", "x")
+
+
+def perturbed_by_eps(value, rng) -> oracle.MP.matrix:
+    """A float64 array as an exact mpmath matrix with every entry times 1 ± eps (random signs)."""
+    moved = oracle.to_mp(value)
+    signs = oracle.to_mp(rng.choice([-1.0, 1.0], size=np.shape(value)))
+    for i in range(moved.rows):
+        for j in range(moved.cols):
+            moved[i, j] *= 1 + EPS * signs[i, j]
+    return moved
 
 
 class HardChain:
@@ -60,14 +75,7 @@ class HardChain:
         rng = np.random.default_rng(0)
         worst = np.zeros(3)
         for _ in range(PATTERNS):
-            perturbed = {}
-            for name in NAMES:
-                value = oracle.to_mp(getattr(self, name))
-                signs = oracle.to_mp(rng.choice([-1.0, 1.0], size=np.shape(getattr(self, name))))
-                for i in range(value.rows):
-                    for j in range(value.cols):
-                        value[i, j] *= 1 + EPS * signs[i, j]
-                perturbed[name] = value
+            perturbed = {name: perturbed_by_eps(getattr(self, name), rng) for name in NAMES}
             moved = oracle.state_space(*(perturbed[name] for name in NAMES))
             # Differences in 60 digits: rounded first, changes below an ulp would vanish.
             changes = [abs(float(moved[0] - self.exact_mp[0]))]
@@ -185,6 +193,109 @@ def test_derivatives_agree_with_the_normal_equation_route():
         # different rounding.
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), (got, want)
     del d
+
+
+# -- the structured Markov q ---------------------------------------------------------------------
+
+CHAIN_FIELDS = ("initial_loc", "initial_scale_tril", "transition", "offset", "scale_tril")
+PATH = (1e-2, 1e-5, 1e-8, 0.0)  # t: q's parameters are the posterior chain's, moved by t·(1 + ·)
+
+
+def chain_arrays(q: MarkovGaussian) -> list:
+    """q's parameters as float64 arrays, the sequences split into lists of matrices/vectors."""
+    arrays = [getattr(q, name).numpy() for name in CHAIN_FIELDS]
+    return arrays[:2] + [list(a) for a in arrays[2:]]
+
+
+def on_the_path(chain: HardChain, t: float) -> MarkovGaussian:
+    """The posterior chain (``markov_posterior``) with every parameter moved by t in a fixed
+    direction (scales multiplied by 1 + t·u, so they stay triangular and positive)."""
+    post = chain.model().markov_posterior(torch.from_numpy(chain.x))
+    rng = np.random.default_rng(1)  # fixed numbers, not a stochastic test
+    moved = []
+    for name in CHAIN_FIELDS:
+        value = getattr(post, name)
+        step = torch.from_numpy(rng.uniform(-1, 1, tuple(value.shape)))
+        moved.append(value * (1 + t * step) if "scale" in name else value + t * step)
+    return MarkovGaussian(*moved)
+
+
+def exact_markov_kl(theta: dict, q: list):
+    """KL(q ‖ p(z|x)) in 60 digits for model inputs ``theta`` and chain parameters ``q``."""
+    _, mean_p, cov_p = oracle.state_space(*(theta[name] for name in NAMES))
+    mean_q, cov_q = oracle.markov_chain(*q)
+    return oracle.gaussian_kl(mean_q, cov_q, mean_p, cov_p)
+
+
+def markov_kl_floor(chain: HardChain, q: list, exact) -> float:
+    """The KL's float64 floor: its largest change over sign patterns that move every model
+    input and every parameter of q by one rounding."""
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(PATTERNS):
+        theta = {name: perturbed_by_eps(getattr(chain, name), rng) for name in NAMES}
+        moved = [perturbed_by_eps(q[0], rng), perturbed_by_eps(q[1], rng)]
+        moved += [[perturbed_by_eps(m, rng) for m in seq] for seq in q[2:]]
+        worst = max(worst, abs(float(exact_markov_kl(theta, moved) - exact)))
+    return worst
+
+
+def test_markov_posterior_is_the_posterior_to_the_floor(case):
+    """``markov_posterior`` (from the reduction's factor L, no covariance factored), taken in 60
+    digits from its float64 parameters: its mean and covariance are the oracle posterior's to
+    their floors, and its KL from the exact posterior is within 30 times that KL's own floor
+    (what rounding the exact chain's parameters alone would leave, ~1e-17 on the first case).
+    The route through the smoothing moments (a Cholesky factor of Cov(z_t|x), a gain through
+    Cov(z_{t−1}|x)⁻¹) meets the first two checks but not the last: its chain is 2.7e-7 from the
+    posterior in KL on the first case, where R⁻¹ ≈ 1e12 magnifies errors in the covariance that
+    are small in absolute terms."""
+    chain, (_, mean_floor, cov_floor) = case
+    _, exact_mean, exact_cov = chain.exact
+    q = chain_arrays(on_the_path(chain, 0.0))
+    mean, cov = oracle.markov_chain(*q)
+    mean_error = np.abs(oracle.to_float(mean)[:, 0] - exact_mean).max()
+    assert mean_error <= ALLOWANCE * mean_floor + EPS * np.abs(exact_mean).max(), mean_error
+    cov_error = np.abs(oracle.to_float(cov) - exact_cov).max()
+    assert cov_error <= ALLOWANCE * cov_floor + EPS * np.abs(exact_cov).max(), cov_error
+    theta = {name: getattr(chain, name) for name in NAMES}
+    kl = exact_markov_kl(theta, q)
+    assert kl <= ALLOWANCE * markov_kl_floor(chain, q, kl), (
+        float(kl),
+        markov_kl_floor(chain, q, kl),
+    )
+
+
+def test_markov_kl_within_the_floor_on_a_path_to_the_posterior(case):
+    """KL(q ‖ p(z|x)) for a Markov q from KL ≈ 1e4 to 3e10 (t = 1e-2: R⁻¹ up to 1e12
+    magnifies every move of q) down to the posterior itself (KL from 1e-31 to 1e-17): within 30
+    of its own floor plus one rounding of the value, and never negative. The KL's terms are each
+    O(TK); summed against Λ's blocks, as before, the error is 1e-4 to 2e-3 on the first case
+    however small the KL (next test)."""
+    chain, _ = case
+    model, x = chain.model(), torch.from_numpy(chain.x)
+    theta = {name: getattr(chain, name) for name in NAMES}
+    for t in PATH:
+        q = on_the_path(chain, t)
+        exact = exact_markov_kl(theta, chain_arrays(q))
+        floor = markov_kl_floor(chain, chain_arrays(q), exact)
+        got = markov_kl_to_posterior(model, x, q).item()
+        assert got >= 0, (t, got)
+        error = abs(got - float(exact))
+        assert error <= ALLOWANCE * floor + EPS * float(exact), (t, error, floor, float(exact))
+
+
+def test_the_precision_route_of_the_markov_kl_misses_the_floor():
+    """The check can fail: the same KL summed against Λ's blocks (the route before, which now
+    carries only the derivative) is off by far more than the allowance near the posterior."""
+    chain = CASES[0]
+    model, x = chain.model(), torch.from_numpy(chain.x)
+    q = on_the_path(chain, 1e-8)
+    theta = {name: getattr(chain, name) for name in NAMES}
+    exact = exact_markov_kl(theta, chain_arrays(q))
+    floor = markov_kl_floor(chain, chain_arrays(q), exact)
+    f = model._factors()
+    precision_route = _kl_through_precision(model, f, model._solve(x, f), q).item()
+    assert abs(precision_route - float(exact)) > 1e3 * ALLOWANCE * floor
 
 
 @pytest.mark.parametrize("k, d", [(3, 1), (2, 5), (4, 4)])

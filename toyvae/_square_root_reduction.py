@@ -50,6 +50,7 @@ __all__ = [
     "Level",
     "factor",
     "log_det",
+    "precision_blocks",
     "precision_factor",
     "selected_inverse",
     "solve",
@@ -291,27 +292,31 @@ def selected_inverse(levels: list[Level]) -> tuple[torch.Tensor, torch.Tensor]:
     return expand_selected(level.size, kept_cov, kept_cross, middle, last)
 
 
-def precision_factor(rows: ChainRows) -> torch.Tensor:
-    """Lower triangular L (nK × nK, positive diagonal) with Λ = LᵀL, so that S = L⁻¹ is the
-    lower Cholesky factor of Λ⁻¹; dense, for small n.
+def precision_blocks(rows: ChainRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks of the lower triangular L with Λ = LᵀL: its diagonal blocks L_tt (n, K, K),
+    lower triangular with positive diagonals, and L_{t,t−1} (n − 1, K, K); L is block lower
+    bidiagonal. With η = L(z − μ) ~ N(0, I) under the posterior, it is the chain
+
+        z_t | z_{t−1} ~ N(μ_t − L_tt⁻¹L_{t,t−1}(z_{t−1} − μ_{t−1}), (L_ttᵀL_tt)⁻¹).
 
     The states are eliminated one at a time from the last to the first, each a small QR of the
     rows that touch it (rows in order of decreasing norm, columns reversed within every block):
     this is the QR of F with all its columns reversed, F J = Q R', so L = J R' J. A single dense
     QR of F J loses the O(1) directions when H̃ is large; block by block, with the rows sorted
-    again at every step, it does not (tests/test_hard_state_space.py).
+    again at every step, it does not (tests/test_hard_state_space.py). O(n K³).
     """
     n, first, middle, last, left, right = rows
     k = first.shape[-1]
     with torch.no_grad():
-        blocks = [None] * n  # (R'_tt, R'_t,t−1) per state, in reversed columns
+        diagonals = [None] * n  # R'_tt and R'_t,t−1 per state, in reversed columns
+        couplings = [None] * (n - 1)
         leftover = None
         for t in range(n - 1, -1, -1):
             unary = (first if t == 0 else last if t == n - 1 else middle).flip(-1)
             if leftover is not None:
                 unary = torch.cat([unary, leftover], -2)
             if t == 0:
-                blocks[t] = (_rotate(unary)[1][:k], None)
+                diagonals[t] = _rotate(unary)[1][:k]
                 break
             stack = torch.cat(
                 [
@@ -321,13 +326,28 @@ def precision_factor(rows: ChainRows) -> torch.Tensor:
                 -2,
             )
             r = _rotate(stack)[1]
-            blocks[t] = (r[:k, :k], r[:k, k:])
+            diagonals[t], couplings[t - 1] = r[:k, :k], r[:k, k:]
             leftover = r[k:, k:]
-        upper = first.new_zeros(n * k, n * k)
-        for t, (diagonal, coupling) in enumerate(blocks):
-            at = (n - 1 - t) * k  # z_t's block in the reversed order
-            sign = torch.where(diagonal.diagonal() < 0, -1.0, 1.0).to(diagonal.dtype)
-            upper[at : at + k, at : at + k] = sign.unsqueeze(-1) * diagonal
-            if coupling is not None:
-                upper[at : at + k, at + k : at + 2 * k] = sign.unsqueeze(-1) * coupling
-        return upper.flip(-2, -1)
+        diagonal = torch.stack(diagonals)
+        # A row of R' and its sign may flip together (Q's column with it): make diag(L_tt) > 0.
+        sign = torch.where(diagonal.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(diagonal.dtype)
+        diagonal = (sign.unsqueeze(-1) * diagonal).flip(-2, -1)
+        coupling = (
+            (sign[1:].unsqueeze(-1) * torch.stack(couplings)).flip(-2, -1)
+            if n > 1
+            else first.new_zeros(0, k, k)
+        )
+        return diagonal, coupling
+
+
+def precision_factor(rows: ChainRows) -> torch.Tensor:
+    """Lower triangular L (nK × nK, positive diagonal) with Λ = LᵀL, so that S = L⁻¹ is the
+    lower Cholesky factor of Λ⁻¹; dense, for small n (:func:`precision_blocks`, assembled)."""
+    diagonal, coupling = precision_blocks(rows)
+    n, k = diagonal.shape[0], diagonal.shape[-1]
+    lower = diagonal.new_zeros(n * k, n * k)
+    for t in range(n):
+        lower[t * k : (t + 1) * k, t * k : (t + 1) * k] = diagonal[t]
+        if t > 0:
+            lower[t * k : (t + 1) * k, (t - 1) * k : t * k] = coupling[t - 1]
+    return lower

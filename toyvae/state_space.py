@@ -53,7 +53,7 @@ from toyvae._checks import (
 )
 from toyvae._frozen import Frozen
 from toyvae._linalg import solve_rows
-from toyvae.gaussians import LOG_2PI, Gaussian, _kl
+from toyvae.gaussians import LOG_2PI, Gaussian, Relative, _kl, kl_from_relative
 from toyvae.interface import Exact
 from toyvae.noise import FullNoise, IsotropicNoise, noise_covariance
 
@@ -583,22 +583,34 @@ class LinearGaussianSSM(Frozen):
     def markov_posterior(self, x) -> MarkovGaussian:
         """p(z|x) as a :class:`MarkovGaussian` p(z₁|x) ∏ p(z_t | z_{t−1}, x), for any T.
 
-        From the smoothing moments: F_t = Cov(z_t, z_{t−1}) Cov(z_{t−1})⁻¹,
-        f_t = μ_t − F_t μ_{t−1} and S_t S_tᵀ = Cov(z_t) − F_t Cov(z_{t−1}, z_t).
+        From the square-root reduction's factor Λ = LᵀL (L block lower bidiagonal,
+        :func:`toyvae._square_root_reduction.precision_blocks`): η = L(z − μ) ~ N(0, I), so
+        S_t = L_tt⁻¹, F_t = −L_tt⁻¹L_{t,t−1} and f_t = μ_t − F_t μ_{t−1}, with no covariance
+        factored or inverted. The derivative, when one is needed, is that of the same chain
+        from the smoothing moments: F_t = Cov(z_t, z_{t−1}) Cov(z_{t−1})⁻¹ and
+        S_t S_tᵀ = Cov(z_t) − F_t Cov(z_{t−1}, z_t).
         """
-        mean, cov, cross = self.smoothed(x)
-        previous = torch.linalg.cholesky(cov[..., :-1, :, :])
-        gain = torch.cholesky_solve(cross.mT, previous).mT
-        conditional = cov[..., 1:, :, :] - gain @ cross.mT
-        conditional = 0.5 * (conditional + conditional.mT)
-        offset = mean[..., 1:, :] - (gain @ mean[..., :-1, :].unsqueeze(-1)).squeeze(-1)
-        return MarkovGaussian(
-            mean[..., 0, :],
-            torch.linalg.cholesky(cov[..., 0, :, :]),
-            gain,
-            offset,
-            torch.linalg.cholesky(conditional),
-        )
+        x = self.check_data(x)
+        f = self._factors()
+        solution = self._solve(x, f)
+        mean = solution.mean
+        with torch.no_grad():
+            diagonal, coupling = sr.precision_blocks(self._chain_rows(x.shape[-2], f)[0])
+            eye = torch.eye(self.state_dim, dtype=self.dtype, device=self.device)
+            scale = torch.linalg.solve_triangular(diagonal, eye, upper=False)  # L_tt⁻¹
+            gain = -torch.linalg.solve_triangular(diagonal[1:], coupling, upper=False)
+            chain = [mean[..., 0, :], scale[0], gain, None, scale[1:]]
+        if mean.requires_grad:
+            covariance, cross = self._covariances(solution)
+            previous = torch.linalg.cholesky(covariance[:-1])
+            moments_gain = torch.cholesky_solve(cross.mT, previous).mT
+            conditional = covariance[1:] - moments_gain @ cross.mT
+            conditional = 0.5 * (conditional + conditional.mT)
+            chain[1] = _value_of(chain[1], torch.linalg.cholesky(covariance[0]))
+            chain[2] = _value_of(chain[2], moments_gain)
+            chain[4] = _value_of(chain[4], torch.linalg.cholesky(conditional))
+        chain[3] = mean[..., 1:, :] - (chain[2] @ mean[..., :-1, :].unsqueeze(-1)).squeeze(-1)
+        return MarkovGaussian(*chain)
 
     # -- the ConjugateModel interface: distributions and expectations ------------------------
 
@@ -993,23 +1005,78 @@ def markov_elbo(model: LinearGaussianSSM, x, q: MarkovGaussian) -> torch.Tensor:
 
 
 def markov_kl_to_posterior(model: LinearGaussianSSM, x, q: MarkovGaussian) -> torch.Tensor:
-    r"""KL(q ‖ p(z|x)) for a Markov q, from the posterior's block-tridiagonal precision Λ:
+    r"""KL(q ‖ p(z|x)) for a Markov q, as a sum of non-negative terms, in O(T K³).
+
+    The posterior is itself a chain: with Λ = LᵀL, L block lower bidiagonal (its diagonal blocks
+    L_tt lower triangular), η = L(z − μ) ~ N(0, I) under p(z|x). KL's chain rule then gives
 
     .. math::
-        \tfrac12\Big[\sum_t\langle\Lambda_{tt}, \Sigma_t\rangle
-            + 2\sum_t\langle\Lambda_{t+1,t}, \Sigma_{t+1,t}\rangle + \delta^\top\Lambda\delta
-            - TK - \log\det\Lambda - \log\det\Sigma_q\Big],\quad \delta = m_q - \mu
+        \mathrm{KL} = \sum_t \Big(\mathrm{KL}\big(\mathcal N(0, S_tS_t^\top)\,\big\|\,
+            \mathcal N(0, (L_{tt}^\top L_{tt})^{-1})\big) + \tfrac12\lVert c_t\rVert^2\Big)
+            + \tfrac12\sum_{t\ge2}\lVert B_t C_{t-1}\rVert_F^2
 
-    using only q's marginal and lag-one covariances (a forward recursion), O(T K³), no TK × TK
-    matrix. Computed independently of :func:`markov_elbo`.
+    with δ_t = m_t − μ_t (q's marginal mean less the posterior's), c_t = L_tt δ_t +
+    L_{t,t−1} δ_{t−1}, B_t = L_tt F_t + L_{t,t−1} and C_{t−1}C_{t−1}ᵀ = Cov_q(z_{t−1}). Every
+    term is non-negative and vanishes at the posterior, and the covariance terms are summed as
+    in :func:`toyvae.gaussians.kl_from_relative`, so the KL keeps its relative accuracy as q
+    approaches p(z|x) and is never negative. L comes from the square-root reduction, which never
+    forms Λ (:func:`toyvae._square_root_reduction.precision_blocks`); the derivative, when one
+    is needed, is that of the same KL written against Λ's blocks (:func:`_kl_through_precision`).
+    Computed independently of :func:`markov_elbo`.
     """
     x, q = _check_markov(model, x, q)
     q = _markov_cast(q, x)
     f = model._factors()
     solution = model._solve(x, f)
     mu = solution.mean
+    differentiable = torch.is_grad_enabled() and (
+        mu.requires_grad or any(t.requires_grad for t in _markov_parameters(q))
+    )
+    with torch.no_grad():
+        diagonal, coupling = sr.precision_blocks(model._chain_rows(x.shape[-2], f)[0])
+        mean, scales = _marginal_scales(q)
+        delta = mean - mu
+        offset = (diagonal @ delta.unsqueeze(-1)).squeeze(-1)
+        offset[..., 1:, :] += (coupling @ delta[..., :-1, :].unsqueeze(-1)).squeeze(-1)
+        excess = diagonal @ torch.cat([q.initial_scale_tril.unsqueeze(-3), q.scale_tril], -3)
+        excess = excess - torch.eye(model.state_dim, dtype=x.dtype, device=x.device)
+        kl = kl_from_relative(Relative(excess, offset)).sum(-1)
+        if q.num_steps > 1:
+            drift = diagonal[1:] @ q.transition + coupling  # B_t
+            kl = kl + 0.5 * (drift @ scales[..., :-1, :, :]).square().sum((-3, -2, -1))
+    if differentiable:
+        kl = _value_of(kl, _kl_through_precision(model, f, solution, q))
+    return kl
+
+
+def _markov_parameters(q: MarkovGaussian) -> tuple[torch.Tensor, ...]:
+    return (q.initial_loc, q.initial_scale_tril, q.transition, q.offset, q.scale_tril)
+
+
+def _marginal_scales(q: MarkovGaussian) -> tuple[torch.Tensor, torch.Tensor]:
+    """q's marginal means m_t (…, T, K) and factors C_t of Cov_q(z_t) (…, T, K, K), C_tC_tᵀ =
+    F_t C_{t−1}C_{t−1}ᵀF_tᵀ + S_tS_tᵀ, each from a QR of [C_{t−1}ᵀF_tᵀ; S_tᵀ] (no products
+    of factors to subtract or cancel)."""
+    means, scales = [q.initial_loc], [q.initial_scale_tril]
+    for t in range(q.num_steps - 1):
+        gain = q.transition[..., t, :, :]
+        means.append((gain @ means[-1].unsqueeze(-1)).squeeze(-1) + q.offset[..., t, :])
+        stacked = torch.cat([(gain @ scales[-1]).mT, q.scale_tril[..., t, :, :].mT], -2)
+        scales.append(torch.linalg.qr(stacked).R.mT)
+    return torch.stack(means, -2), torch.stack(scales, -3)
+
+
+def _kl_through_precision(model, f, solution, q: MarkovGaussian) -> torch.Tensor:
+    r"""The same KL from the posterior's block-tridiagonal precision Λ, differentiable:
+
+    .. math::
+        \tfrac12\Big[\sum_t\langle\Lambda_{tt}, \Sigma_t\rangle
+            + 2\sum_t\langle\Lambda_{t+1,t}, \Sigma_{t+1,t}\rangle + \delta^\top\Lambda\delta
+            - TK - \log\det\Lambda - \log\det\Sigma_q\Big]
+
+    Its terms are each O(TK) and cancel near the posterior: it carries the derivative only."""
     mean, cov, cross = q.marginals()
-    n, k = x.shape[-2], model.state_dim
+    n, k = mean.shape[-2], model.state_dim
     precision = model._precision(n, f)
     middle = precision.middle.expand(max(n - 2, 0), k, k)
     ends = (
@@ -1018,7 +1085,7 @@ def markov_kl_to_posterior(model: LinearGaussianSSM, x, q: MarkovGaussian) -> to
         else [precision.first.unsqueeze(0)]
     )
     diagonal = torch.cat(ends, 0)  # (T, K, K)
-    delta = mean - mu
+    delta = mean - solution.mean
     quadratic = ((delta.unsqueeze(-2) @ diagonal).squeeze(-2) * delta).sum((-2, -1))
     trace = (diagonal * cov).sum((-3, -2, -1))
     if n > 1:
