@@ -121,7 +121,7 @@ def tolerance(scale, p, num_steps):
 
 
 @pytest.mark.parametrize("x_batch", [(), (2,)])
-@pytest.mark.parametrize("num_steps", [1, 4])
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
 def test_unbatched_chain_elbo_and_kl_match_dense_conditioning(x_batch, num_steps):
     """A chain without batch dimensions gives the dense ELBO and KL, for one x or a batch."""
     p = model_parameters()
@@ -333,6 +333,54 @@ def test_float32_chain_is_computed_in_the_models_float64(function):
     assert got.dtype == F64
     # The same float64 numbers go through the same float64 arithmetic: equal exactly.
     assert torch.equal(got, function(model, x, q64))
+
+
+@pytest.mark.parametrize("default", [torch.float32, torch.float64])
+def test_a_float32_model_gives_a_float32_markov_posterior_and_kl(default):
+    """A float32 model (and x) computes the posterior chain and the Markov KL in float32, under
+    either torch default dtype, and they agree with the float64 model on the same rounded
+    numbers to float32's rounding: the tolerance bound above with float32's eps (κ < 1e3)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default)
+    try:
+        check_float32_markov_posterior_and_kl()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def check_float32_markov_posterior_and_kl():
+    p = model_parameters()
+    model32, model64 = make_model(p, torch.float32), make_model(p)
+    x64 = torch.tensor(seeds.rng(5).standard_normal((4, D)), dtype=torch.float32).double()
+    x32 = x64.float()
+    post32, post64 = model32.markov_posterior(x32), model64.markov_posterior(x64)
+    eps32 = float(torch.finfo(torch.float32).eps)
+    for name in NAMES:
+        got, want = getattr(post32, name), getattr(post64, name)
+        assert got.dtype == torch.float32, name
+        assert (got.double() - want).abs().max() <= 1e2 * 4 * K * 1e3 * eps32 * want.abs().max()
+    q32 = chain(chain_arrays(4), torch.float32)
+    q64 = MarkovGaussian(*(getattr(q32, name).double() for name in NAMES))
+    kl32 = markov_kl_to_posterior(model32, x32, q32)
+    kl64 = markov_kl_to_posterior(model64, x64, q64)
+    _, _, scale = dense_elbo_and_kl(p, chain_arrays(4), x64.numpy())
+    assert kl32.dtype == torch.float32
+    assert abs(kl32.double() - kl64) <= tolerance(scale, p, 4) * eps32 / EPS
+
+
+def test_grad_mode_does_not_change_the_markov_kl():
+    """With nothing to differentiate, the KL is the square-root route's value whether or not
+    grad mode is on: the derivative's carrier (Λ's blocks, whose terms cancel) is not mixed in,
+    even by the one rounding of ``carrier + (value − carrier)``. At the posterior chain the two
+    differ: the value is ~1e-30, the carrier's ~1e-15."""
+    model = make_model(model_parameters())
+    x = torch.tensor(seeds.rng(5).standard_normal((2, 4, D)), dtype=F64)
+    q = model.markov_posterior(x)
+    with torch.no_grad():
+        quiet = markov_kl_to_posterior(model, x, q)
+    loud = markov_kl_to_posterior(model, x, q)
+    assert not loud.requires_grad
+    assert torch.equal(loud, quiet)
 
 
 # -- the posterior's scale: its derivative ---------------------------------------------------------

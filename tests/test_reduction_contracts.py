@@ -292,6 +292,13 @@ def test_square_root_reduction_solves_and_inverts_like_dense_least_squares(size,
     lower = sr.precision_factor(rows)
     assert torch.equal(lower, lower.tril()) and bool((lower.diagonal() > 0).all())
     assert (lower.mT @ lower - gram).abs().max() <= bound * gram.abs().max()
+    # precision_factor is precision_blocks assembled: (n, K, K) and (n − 1, K, K) blocks.
+    diagonal, coupling = sr.precision_blocks(rows)
+    assert diagonal.shape == (size, k, k) and coupling.shape == (size - 1, k, k)
+    blocks = lower.reshape(size, k, size, k)
+    assert torch.equal(diagonal, torch.stack([blocks[t, :, t] for t in range(size)]))
+    if size > 1:
+        assert torch.equal(coupling, torch.stack([blocks[t + 1, :, t] for t in range(size - 1)]))
 
 
 @pytest.mark.parametrize("shape", [(7, 3), (3, 3), (2, 4)])

@@ -25,6 +25,7 @@ from toyvae.interface import ConjugateModel
 from toyvae.state_space import (
     LinearGaussianSSM,
     MarkovGaussian,
+    _kl_through_precision,
     markov_elbo,
     markov_kl_to_posterior,
 )
@@ -397,12 +398,14 @@ def test_log_evidence_gradients_pass_gradcheck():
     assert torch.autograd.gradcheck(log_evidence, params)
 
 
-def test_markov_kl_and_markov_posterior_gradients_pass_gradcheck():
-    """markov_kl_to_posterior (in the model's and q's parameters) and markov_posterior (in the
-    model's) are differentiable: their values come from the square-root factor, their
-    derivatives from Λ's blocks and the smoothing moments, and finite differences of the values
-    agree with those derivatives."""
-    model = make_model(k=2, d=2, num_steps=4, noise="full")
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_markov_kl_and_markov_posterior_gradients_pass_gradcheck(num_steps):
+    """markov_kl_to_posterior (in the model's parameters, in q's, and in both) and
+    markov_posterior (in the model's) are differentiable: their values come from the
+    square-root factor, their derivatives from Λ's blocks and the smoothing moments, and finite
+    differences of the values agree with those derivatives. The derivative's carrier is the
+    same function: its value is the KL's, to the identity's rounding bound."""
+    model = make_model(k=2, d=2, num_steps=num_steps, noise="full")
     x = data(model, batch=(2,))
     q = perturbed_markov(model.markov_posterior(x))
     model_params = [
@@ -421,12 +424,27 @@ def test_markov_kl_and_markov_posterior_gradients_pass_gradcheck():
     def kl(*params):
         return markov_kl_to_posterior(build(*params[:4]), x, MarkovGaussian(*params[4:]))
 
+    def kl_in_q(*params):
+        return markov_kl_to_posterior(model, x, MarkovGaussian(*params))
+
+    def kl_in_model(*params):
+        return markov_kl_to_posterior(build(*params), x, q)
+
     def chain(*params):
         post = build(*params).markov_posterior(x)
         return post.initial_scale_tril, post.transition, post.offset, post.scale_tril
 
     assert torch.autograd.gradcheck(kl, model_params + q_params)
+    assert torch.autograd.gradcheck(kl_in_q, q_params)
+    assert torch.autograd.gradcheck(kl_in_model, model_params)
     assert torch.autograd.gradcheck(chain, model_params)
+
+    f = model._factors()
+    carrier = _kl_through_precision(model, f, model._solve(x, f), q)
+    tolerance = identity_tolerance(model, x, q.to_multivariate_normal()) * posterior_condition(
+        model
+    )
+    assert torch.all((carrier - markov_kl_to_posterior(model, x, q)).abs() <= tolerance)
 
 
 @pytest.mark.parametrize(
