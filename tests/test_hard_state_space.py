@@ -17,12 +17,15 @@ import pytest
 import torch
 from test_ssm_model_contracts import dense_prior
 
+import toyvae
 from toyvae import LinearGaussianSSM
 from toyvae import _block_tridiagonal as btd
 from toyvae import _square_root_reduction as sr
 from toyvae.state_space import (
     MarkovGaussian,
     _kl_through_precision,
+    _markov_elbo_by_terms,
+    markov_elbo,
     markov_kl_to_posterior,
 )
 
@@ -227,16 +230,23 @@ def exact_markov_kl(theta: dict, q: list):
     return oracle.gaussian_kl(mean_q, cov_q, mean_p, cov_p)
 
 
-def markov_kl_floor(chain: HardChain, q: list, exact) -> float:
-    """The KL's float64 floor: its largest change over sign patterns that move every model
-    input and every parameter of q by one rounding."""
+def exact_markov_elbo(theta: dict, q: list):
+    """ELBO(q) = log p(x) − KL(q ‖ p(z|x)) in 60 digits."""
+    log_evidence, mean_p, cov_p = oracle.state_space(*(theta[name] for name in NAMES))
+    mean_q, cov_q = oracle.markov_chain(*q)
+    return log_evidence - oracle.gaussian_kl(mean_q, cov_q, mean_p, cov_p)
+
+
+def markov_floor(chain: HardChain, q: list, exact, quantity=exact_markov_kl) -> float:
+    """The float64 floor of ``quantity`` (the KL or the ELBO): its largest change over sign
+    patterns that move every model input and every parameter of q by one rounding."""
     rng = np.random.default_rng(0)
     worst = 0.0
     for _ in range(PATTERNS):
         theta = {name: perturbed_by_eps(getattr(chain, name), rng) for name in NAMES}
         moved = [perturbed_by_eps(q[0], rng), perturbed_by_eps(q[1], rng)]
         moved += [[perturbed_by_eps(m, rng) for m in seq] for seq in q[2:]]
-        worst = max(worst, abs(float(exact_markov_kl(theta, moved) - exact)))
+        worst = max(worst, abs(float(quantity(theta, moved) - exact)))
     return worst
 
 
@@ -259,9 +269,9 @@ def test_markov_posterior_is_the_posterior_to_the_floor(case):
     assert cov_error <= ALLOWANCE * cov_floor + EPS * np.abs(exact_cov).max(), cov_error
     theta = {name: getattr(chain, name) for name in NAMES}
     kl = exact_markov_kl(theta, q)
-    assert kl <= ALLOWANCE * markov_kl_floor(chain, q, kl), (
+    assert kl <= ALLOWANCE * markov_floor(chain, q, kl), (
         float(kl),
-        markov_kl_floor(chain, q, kl),
+        markov_floor(chain, q, kl),
     )
 
 
@@ -277,7 +287,7 @@ def test_markov_kl_within_the_floor_on_a_path_to_the_posterior(case):
     for t in PATH:
         q = on_the_path(chain, t)
         exact = exact_markov_kl(theta, chain_arrays(q))
-        floor = markov_kl_floor(chain, chain_arrays(q), exact)
+        floor = markov_floor(chain, chain_arrays(q), exact)
         got = markov_kl_to_posterior(model, x, q).item()
         assert got >= 0, (t, got)
         error = abs(got - float(exact))
@@ -292,10 +302,47 @@ def test_the_precision_route_of_the_markov_kl_misses_the_floor():
     q = on_the_path(chain, 1e-8)
     theta = {name: getattr(chain, name) for name in NAMES}
     exact = exact_markov_kl(theta, chain_arrays(q))
-    floor = markov_kl_floor(chain, chain_arrays(q), exact)
+    floor = markov_floor(chain, chain_arrays(q), exact)
     f = model._factors()
     precision_route = _kl_through_precision(model, f, model._solve(x, f), q).item()
     assert abs(precision_route - float(exact)) > 1e3 * ALLOWANCE * floor
+
+
+def test_elbo_within_the_floor_on_a_path_to_the_posterior(case):
+    """ELBO(q) for a Markov q (``markov_elbo``) and for the same q as a dense Gaussian
+    (``toyvae.elbo``) on the same path, down to the posterior: within 30 of the ELBO's own
+    floor plus one rounding of the value. Both regroup the ELBO as the bracket of log p(x) at
+    q's mean less KL(N(m, Σ_q) ‖ N(m, Λ⁻¹)); summed as E_q log p(x|z) − KL(q ‖ p(z)), or per step
+    as sequential VAEs write it, their terms cancel (next test)."""
+    chain, _ = case
+    model, x = chain.model(), torch.from_numpy(chain.x)
+    theta = {name: getattr(chain, name) for name in NAMES}
+    for t in PATH:
+        q = on_the_path(chain, t)
+        exact = exact_markov_elbo(theta, chain_arrays(q))
+        floor = markov_floor(chain, chain_arrays(q), exact, exact_markov_elbo)
+        allowed = ALLOWANCE * floor + EPS * abs(float(exact))
+        for got in (markov_elbo(model, x, q), toyvae.elbo(model, x, q.to_multivariate_normal())):
+            assert abs(got.item() - float(exact)) <= allowed, (t, got.item(), float(exact), floor)
+
+
+def test_the_elbo_summed_by_terms_misses_the_floor():
+    """The check can fail: at the posterior chain of the first case, the ELBO summed per step
+    (sequential VAEs' form, which now carries only the derivative) and summed as
+    E_q log p(x|z) − KL(q ‖ p(z)) for the dense q are off by far more than the allowance."""
+    chain = CASES[0]
+    model, x = chain.model(), torch.from_numpy(chain.x)
+    q = on_the_path(chain, 0.0)
+    theta = {name: getattr(chain, name) for name in NAMES}
+    exact = exact_markov_elbo(theta, chain_arrays(q))
+    allowed = ALLOWANCE * markov_floor(chain, chain_arrays(q), exact, exact_markov_elbo)
+    allowed += EPS * abs(float(exact))
+    by_steps = _markov_elbo_by_terms(model, x, q, model._factors())
+    dense = q.to_multivariate_normal()
+    bound = model.with_num_steps(x.shape[-2])
+    by_terms = toyvae.expected_log_likelihood(bound, x, dense) - toyvae.kl_to_prior(dense, bound)
+    for got in (by_steps, by_terms):
+        assert abs(got.item() - float(exact)) > 1e3 * allowed, got.item()
 
 
 @pytest.mark.parametrize("k, d", [(3, 1), (2, 5), (4, 4)])

@@ -26,6 +26,7 @@ from toyvae.state_space import (
     LinearGaussianSSM,
     MarkovGaussian,
     _kl_through_precision,
+    _markov_elbo_by_terms,
     markov_elbo,
     markov_kl_to_posterior,
 )
@@ -226,6 +227,13 @@ def test_identity_for_dense_and_markov_q():
     kl_dense = toyvae.kl_to_posterior(model, x, q_dense)
     assert torch.all((markov_kl_to_posterior(model, x, q_markov) - kl_dense).abs() <= tolerance)
     assert torch.all(kl_dense > 0.1)  # a real gap: q is not the posterior
+    # Both ELBOs share the posterior's factor with the KL; the textbook sums share nothing.
+    by_steps = _markov_elbo_by_terms(model, x, q_markov, model._factors())
+    by_terms = toyvae.expected_log_likelihood(model, x, q_dense) - toyvae.kl_to_prior(
+        q_dense, model
+    )
+    for elbo in (by_steps, by_terms):
+        assert torch.all((elbo + kl_dense - log_evidence).abs() <= tolerance)
 
 
 def test_posterior_as_markov_chain_is_tight():
@@ -400,9 +408,10 @@ def test_log_evidence_gradients_pass_gradcheck():
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4])
 def test_markov_kl_and_markov_posterior_gradients_pass_gradcheck(num_steps):
-    """markov_kl_to_posterior (in the model's parameters, in q's, and in both) and
-    markov_posterior (in the model's) are differentiable: their values come from the
-    square-root factor, their derivatives from Λ's blocks and the smoothing moments, and finite
+    """markov_kl_to_posterior (in the model's parameters, in q's, and in both), markov_posterior
+    (in the model's) and the regrouped ELBOs, Markov and dense, are differentiable: their values
+    come from the square-root factor, their derivatives from Λ's blocks, the smoothing moments
+    and the ELBO's textbook sums, and finite
     differences of the values agree with those derivatives. The derivative's carrier is the
     same function: its value is the KL's, to the identity's rounding bound."""
     model = make_model(k=2, d=2, num_steps=num_steps, noise="full")
@@ -434,10 +443,17 @@ def test_markov_kl_and_markov_posterior_gradients_pass_gradcheck(num_steps):
         post = build(*params).markov_posterior(x)
         return post.initial_scale_tril, post.transition, post.offset, post.scale_tril
 
+    def elbos(*params):
+        bound, q_params = build(*params[:4]).with_num_steps(num_steps), params[4:]
+        chain_q = MarkovGaussian(*q_params)
+        dense = chain_q.to_multivariate_normal()
+        return markov_elbo(bound, x, chain_q), toyvae.elbo(bound, x, dense)
+
     assert torch.autograd.gradcheck(kl, model_params + q_params)
     assert torch.autograd.gradcheck(kl_in_q, q_params)
     assert torch.autograd.gradcheck(kl_in_model, model_params)
     assert torch.autograd.gradcheck(chain, model_params)
+    assert torch.autograd.gradcheck(elbos, model_params + q_params)
 
     f = model._factors()
     carrier = _kl_through_precision(model, f, model._solve(x, f), q)

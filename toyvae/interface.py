@@ -15,11 +15,11 @@ and :meth:`ConjugateModel.prior`; the KL to the posterior is computed from
 check between two independent computations.
 
 A family may also define ``elbo(x, q)`` (validated inputs, like the methods below), and
-:func:`toyvae.elbo` then uses it. The linear-Gaussian and hierarchical models do: near the
-posterior the two terms above are each far larger than their difference (with small noise and
-K > D, rounding of 1e-11 in a difference of 1e-13), so they regroup the sum, and their ELBO
-shares the posterior's covariance factor with the KL. For them the independent check is
-E_q log p(x|z) − KL(q ‖ p(z)) + KL(q ‖ p(z|x)) = log p(x), which the tests make.
+:func:`toyvae.elbo` then uses it. The linear-Gaussian, hierarchical and state-space models
+do: near the posterior the two terms above are each far larger than their difference (with
+small noise and K > D, rounding of 1e-11 in a difference of 1e-13), so they regroup the sum,
+and their ELBO shares the posterior's covariance factor with the KL. For them the independent
+check is E_q log p(x|z) − KL(q ‖ p(z)) + KL(q ‖ p(z|x)) = log p(x), which the tests make.
 
 Methods of the interface take *validated* inputs: ``x`` from :meth:`ConjugateModel.check_data`
 and ``q`` already in canonical :class:`~toyvae.gaussians.Gaussian` form, in the model's dtype.

@@ -503,8 +503,7 @@ class LinearGaussianSSM(Frozen):
             normal_levels = btd.factor(self._precision(num_steps, f))
             mean = _value_of(mean, btd.solve(normal_levels, self._rhs(residual, f)))
             log_det = _value_of(log_det, btd.log_det(normal_levels))
-        misfit = residual - mean @ f.whitened_emission.mT
-        quadratic = misfit.square().sum((-2, -1)) + self._prior_misfit(mean, f)
+        quadratic = self._misfit(x, mean, f)
         log_evidence = -0.5 * (self._constant(num_steps, f) + log_det + quadratic)
         return _Solution(log_evidence, mean, log_det, root_levels, normal_levels)
 
@@ -650,6 +649,42 @@ class LinearGaussianSSM(Frozen):
         spread = (f.whitened_emission @ block_rows).square().sum((-3, -2, -1))
         constant = num_steps * (self.data_dim * LOG_2PI + f.noise.log_det())
         return -0.5 * (constant + misfit.square().sum((-2, -1)) + spread)
+
+    def elbo(self, x: torch.Tensor, q: Gaussian) -> torch.Tensor:
+        r"""ELBO(q) for a checked x and a canonical q over the flat T·K latents, summed so that
+        nothing cancels near p(z|x) (:func:`toyvae.elbo` calls it):
+
+        .. math::
+            \mathrm{ELBO} = -\tfrac12\big[c + \log\det\Lambda + Q(m)\big]
+                - \mathrm{KL}\big(\mathcal N(m, \Sigma_q)\,\|\,\mathcal N(m, \Lambda^{-1})\big)
+
+        with c = TD log 2π + T log det R + log det P₀ + (T − 1) log det Q and Q(m) the
+        least-squares misfit of the model's whitened rows at q's mean (log p(x) is the same
+        bracket at the posterior mean). It is E_q log p(x|z) − KL(q ‖ p(z)) with the covariance
+        terms regrouped: with small noise those are each as large as tr(H̃ᵀH̃ Σ_t) while their
+        sum is stationary at the posterior. Λ⁻¹'s factor comes from the square-root reduction;
+        the derivative, when one is needed, is that of E_q log p(x|z) − KL(q ‖ p(z)).
+        """
+        f = self._factors()
+        num_steps = x.shape[-2]
+        by_terms = self.expected_log_likelihood(x, q) - _kl(
+            q, Gaussian(*self._prior_moments(num_steps))
+        )
+        with torch.no_grad():
+            lower = sr.precision_factor(self._chain_rows(num_steps, f)[0])  # Λ = LᵀL
+            eye = torch.eye(lower.shape[-1], dtype=self.dtype, device=self.device)
+            scale = torch.linalg.solve_triangular(lower, eye, upper=False)
+            mean = q.loc.unflatten(-1, (num_steps, self.state_dim))
+            log_det = 2 * lower.diagonal().log().sum()
+            spread = _kl(q, Gaussian(q.loc, scale.expand(*q.loc.shape, q.loc.shape[-1])))
+            value = -0.5 * (self._constant(num_steps, f) + log_det + self._misfit(x, mean, f))
+            value = value - spread
+        return _value_of(value, by_terms) if by_terms.requires_grad else value
+
+    def _misfit(self, x: torch.Tensor, z: torch.Tensor, f: _Factors) -> torch.Tensor:
+        """Σ_t ‖r̃_t − H̃ z_t‖² + the prior's Σ‖e_t‖²: log p(x, z) = −½[c + this], z (…, T, K)."""
+        residual = self._whitened_residual(x, f) - z @ f.whitened_emission.mT
+        return residual.square().sum((-2, -1)) + self._prior_misfit(z, f)
 
     def log_joint(self, x, z) -> torch.Tensor:
         """log p(x, z) = log p(z₁) + Σ log p(z_t|z_{t−1}) + Σ log p(x_t|z_t), broadcasting.
@@ -955,7 +990,36 @@ def _markov_cast(q: MarkovGaussian, like: torch.Tensor) -> MarkovGaussian:
 
 
 def markov_elbo(model: LinearGaussianSSM, x, q: MarkovGaussian) -> torch.Tensor:
-    r"""ELBO(q) for a Markov q, the way sequential VAEs write it, in O(T K³):
+    r"""ELBO(q) for a Markov q, in O(T K³), summed so that nothing cancels near p(z|x):
+
+    .. math::
+        \mathrm{ELBO} = -\tfrac12\big[c + \log\det\Lambda + Q(m)\big]
+            - \mathrm{KL}\big(\mathcal N(m, \Sigma_q)\,\|\,\mathcal N(m, \Lambda^{-1})\big)
+
+    as in :meth:`LinearGaussianSSM.elbo`, the last KL by the chain rule of
+    :func:`markov_kl_to_posterior` (its covariance terms only). Sequential VAEs write the same
+    ELBO as a sum over time (:func:`_markov_elbo_by_terms`); with small observation noise
+    its terms are each as large as tr(H̃ᵀH̃ Σ_t) while their sum is stationary at the posterior,
+    so that form carries only the derivative. Shape: the broadcast of q's batch shape with
+    ``x.shape[:-2]``.
+    """
+    x, q = _check_markov(model, x, q)
+    q = _markov_cast(q, x)
+    f = model._factors()
+    by_terms = _markov_elbo_by_terms(model, x, q, f)
+    with torch.no_grad():
+        num_steps = x.shape[-2]
+        diagonal, coupling = sr.precision_blocks(model._chain_rows(num_steps, f)[0])
+        log_det = 2 * diagonal.diagonal(dim1=-2, dim2=-1).log().sum()  # det L = Π det L_tt
+        mean, scales = _marginal_scales(q)
+        spread = _chain_kl(diagonal, coupling, q, scales, torch.zeros_like(mean))
+        value = -0.5 * (model._constant(num_steps, f) + log_det + model._misfit(x, mean, f))
+        value = value - spread
+    return _value_of(value, by_terms) if by_terms.requires_grad else value
+
+
+def _markov_elbo_by_terms(model: LinearGaussianSSM, x, q: MarkovGaussian, f) -> torch.Tensor:
+    r"""The ELBO the way sequential VAEs write it, differentiable:
 
     .. math::
         \sum_t \mathbb E_{q(z_t)}\log p(x_t\mid z_t) - \mathrm{KL}(q(z_1)\,\|\,p(z_1))
@@ -964,12 +1028,8 @@ def markov_elbo(model: LinearGaussianSSM, x, q: MarkovGaussian) -> torch.Tensor:
 
     Each expected KL is closed form: with B_t = L_Q⁻¹(F_t − A) and the marginal
     z_{t−1} ~ N(m_{t−1}, Σ_{t−1}), it is ½[‖L_Q⁻¹S_t‖_F² + ‖L_Q⁻¹((F_t − A)m_{t−1} + f_t)‖²
-    + tr(B_t Σ_{t−1} B_tᵀ) − K + log det Q − log det S_tS_tᵀ]. Shape: the broadcast of q's
-    batch shape with ``x.shape[:-2]``.
+    + tr(B_t Σ_{t−1} B_tᵀ) − K + log det Q − log det S_tS_tᵀ].
     """
-    x, q = _check_markov(model, x, q)
-    q = _markov_cast(q, x)
-    f = model._factors()
     mean, cov, _ = q.marginals()
     k = model.state_dim
     # Reconstruction: −½[D log 2π + log det R + ‖r̃_t − H̃ m_t‖² + tr(G Σ_t)] per step.
@@ -1038,14 +1098,22 @@ def markov_kl_to_posterior(model: LinearGaussianSSM, x, q: MarkovGaussian) -> to
         delta = mean - mu
         offset = (diagonal @ delta.unsqueeze(-1)).squeeze(-1)
         offset[..., 1:, :] += (coupling @ delta[..., :-1, :].unsqueeze(-1)).squeeze(-1)
-        excess = diagonal @ torch.cat([q.initial_scale_tril.unsqueeze(-3), q.scale_tril], -3)
-        excess = excess - torch.eye(model.state_dim, dtype=x.dtype, device=x.device)
-        kl = kl_from_relative(Relative(excess, offset)).sum(-1)
-        if q.num_steps > 1:
-            drift = diagonal[1:] @ q.transition + coupling  # B_t
-            kl = kl + 0.5 * (drift @ scales[..., :-1, :, :]).square().sum((-3, -2, -1))
+        kl = _chain_kl(diagonal, coupling, q, scales, offset)
     if differentiable:
         kl = _value_of(kl, _kl_through_precision(model, f, solution, q))
+    return kl
+
+
+def _chain_kl(diagonal, coupling, q: MarkovGaussian, scales, offset) -> torch.Tensor:
+    """Σ_t [KL(N(0, S_tS_tᵀ) ‖ N(0, (L_ttᵀL_tt)⁻¹)) + ½‖c_t‖²] + ½ Σ_{t≥2} ‖B_t C_{t−1}‖²_F
+    (:func:`markov_kl_to_posterior`) for the offsets c_t given, (…, T, K): zero offsets give
+    KL(N(m, Σ_q) ‖ N(m, Λ⁻¹)), the covariance part alone."""
+    eye = torch.eye(q.state_dim, dtype=diagonal.dtype, device=diagonal.device)
+    excess = diagonal @ torch.cat([q.initial_scale_tril.unsqueeze(-3), q.scale_tril], -3) - eye
+    kl = kl_from_relative(Relative(excess, offset)).sum(-1)
+    if q.num_steps > 1:
+        drift = diagonal[1:] @ q.transition + coupling  # B_t
+        kl = kl + 0.5 * (drift @ scales[..., :-1, :, :]).square().sum((-3, -2, -1))
     return kl
 
 
