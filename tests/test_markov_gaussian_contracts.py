@@ -14,6 +14,7 @@ import pytest
 import seeds
 import torch
 
+import toyvae
 from toyvae import reference as ref
 from toyvae.state_space import (
     LinearGaussianSSM,
@@ -337,7 +338,8 @@ def test_float32_chain_is_computed_in_the_models_float64(function):
 
 @pytest.mark.parametrize("default", [torch.float32, torch.float64])
 def test_a_float32_model_gives_a_float32_markov_posterior_and_kl(default):
-    """A float32 model (and x) computes the posterior chain and the Markov KL in float32, under
+    """A float32 model (and x) computes the posterior chain, the Markov KL and the ELBO (of a
+    Markov q and of its dense form) in float32, under
     either torch default dtype, and they agree with the float64 model on the same rounded
     numbers to float32's rounding: the tolerance bound above with float32's eps (κ < 1e3)."""
     previous = torch.get_default_dtype()
@@ -361,11 +363,19 @@ def check_float32_markov_posterior_and_kl():
         assert (got.double() - want).abs().max() <= 1e2 * 4 * K * 1e3 * eps32 * want.abs().max()
     q32 = chain(chain_arrays(4), torch.float32)
     q64 = MarkovGaussian(*(getattr(q32, name).double() for name in NAMES))
-    kl32 = markov_kl_to_posterior(model32, x32, q32)
-    kl64 = markov_kl_to_posterior(model64, x64, q64)
     _, _, scale = dense_elbo_and_kl(p, chain_arrays(4), x64.numpy())
-    assert kl32.dtype == torch.float32
-    assert abs(kl32.double() - kl64) <= tolerance(scale, p, 4) * eps32 / EPS
+    bound32, bound64 = model32.with_num_steps(4), model64.with_num_steps(4)
+    pairs = [
+        (markov_kl_to_posterior(model32, x32, q32), markov_kl_to_posterior(model64, x64, q64)),
+        (markov_elbo(model32, x32, q32), markov_elbo(model64, x64, q64)),
+        (
+            toyvae.elbo(bound32, x32, q32.to_multivariate_normal()),
+            toyvae.elbo(bound64, x64, q64.to_multivariate_normal()),
+        ),
+    ]
+    for got, want in pairs:
+        assert got.dtype == torch.float32
+        assert abs(got.double() - want) <= tolerance(scale, p, 4) * eps32 / EPS
 
 
 def test_grad_mode_does_not_change_the_markov_kl():
