@@ -250,6 +250,15 @@ def markov_floor(chain: HardChain, q: list, exact, quantity=exact_markov_kl) -> 
     return worst
 
 
+def along_the_path(chain: HardChain, quantity):
+    """(t, q, exact value, its floor) of ``quantity`` at each point of PATH."""
+    theta = {name: getattr(chain, name) for name in NAMES}
+    for t in PATH:
+        q = on_the_path(chain, t)
+        exact = quantity(theta, chain_arrays(q))
+        yield t, q, exact, markov_floor(chain, chain_arrays(q), exact, quantity)
+
+
 def test_markov_posterior_is_the_posterior_to_the_floor(case):
     """``markov_posterior`` (from the reduction's factor L, no covariance factored), taken in 60
     digits from its float64 parameters: its mean and covariance are the oracle posterior's to
@@ -283,11 +292,7 @@ def test_markov_kl_within_the_floor_on_a_path_to_the_posterior(case):
     however small the KL (next test)."""
     chain, _ = case
     model, x = chain.model(), torch.from_numpy(chain.x)
-    theta = {name: getattr(chain, name) for name in NAMES}
-    for t in PATH:
-        q = on_the_path(chain, t)
-        exact = exact_markov_kl(theta, chain_arrays(q))
-        floor = markov_floor(chain, chain_arrays(q), exact)
+    for t, q, exact, floor in along_the_path(chain, exact_markov_kl):
         got = markov_kl_to_posterior(model, x, q).item()
         assert got >= 0, (t, got)
         error = abs(got - float(exact))
@@ -316,11 +321,7 @@ def test_elbo_within_the_floor_on_a_path_to_the_posterior(case):
     as sequential VAEs write it, their terms cancel (next test)."""
     chain, _ = case
     model, x = chain.model(), torch.from_numpy(chain.x)
-    theta = {name: getattr(chain, name) for name in NAMES}
-    for t in PATH:
-        q = on_the_path(chain, t)
-        exact = exact_markov_elbo(theta, chain_arrays(q))
-        floor = markov_floor(chain, chain_arrays(q), exact, exact_markov_elbo)
+    for t, q, exact, floor in along_the_path(chain, exact_markov_elbo):
         allowed = ALLOWANCE * floor + EPS * abs(float(exact))
         for got in (markov_elbo(model, x, q), toyvae.elbo(model, x, q.to_multivariate_normal())):
             assert abs(got.item() - float(exact)) <= allowed, (t, got.item(), float(exact), floor)
