@@ -166,8 +166,10 @@ class _Target(NamedTuple):
     gradient_sd: torch.Tensor | None  # (P,): the same for each gradient coordinate
 
 
-def _reduce(per_example: torch.Tensor, reduction: str, sign: float) -> torch.Tensor:
-    total = per_example.mean() if reduction == "mean" else per_example.sum()
+def _reduce(per_example: torch.Tensor, reduction: str, sign: float, keep: int = 0) -> torch.Tensor:
+    """sign × the stated reduction over all but the first ``keep`` dimensions (the draws)."""
+    rows = per_example.flatten(keep)  # a 0-d tensor flattens to one element
+    total = rows.mean(-1) if reduction == "mean" else rows.sum(-1)
     return sign * total
 
 
@@ -217,9 +219,7 @@ def _log_weights(model_fn, q_fn, x, sample_shape, generator):
 def _per_draw(log_w: torch.Tensor, k: int, reduction: str, sign: float) -> torch.Tensor:
     """Draws (d, k, *batch) of log weights → d draws of the reparameterised estimate of the
     target: log (1/k) Σ_i w_i (the log weight itself for k = 1), reduced over the batch."""
-    per_row = torch.logsumexp(log_w, 1) - math.log(k)
-    total = per_row.flatten(1).mean(1) if reduction == "mean" else per_row.flatten(1).sum(1)
-    return sign * total
+    return _reduce(torch.logsumexp(log_w, 1) - math.log(k), reduction, sign, keep=1)
 
 
 def _flat_jacobian(outputs: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
